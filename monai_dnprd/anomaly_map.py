@@ -1,0 +1,122 @@
+"""Anomaly maps from teacher/decoder features, Gaussian smoothing, top-q% scores and collapse monitors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "gaussian_kernel1d",
+    "gaussian_blur1d",
+    "gaussian_blur2d",
+    "slice_anomaly_map",
+    "top_percent_score",
+    "prototype_usage",
+    "feature_spread",
+]
+
+
+def gaussian_kernel1d(sigma: float, radius: int | None = None, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str | None = None) -> Tensor:
+    """Normalised 1D Gaussian of radius round(4 sigma) (the paper's 2*int(4 sigma + 0.5) + 1 taps)."""
+    if radius is None:
+        radius = int(4.0 * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).to(dtype)
+
+
+def gaussian_blur1d(x: Tensor, sigma: float, dim: int) -> Tensor:
+    """Gaussian smoothing of any tensor along one dim (reflect padding); sigma <= 0 -> identity."""
+    n = x.shape[dim]
+    if sigma <= 0 or n < 2:
+        return x
+    radius = min(int(4.0 * sigma + 0.5), n - 1)  # reflect padding needs pad < length
+    k = gaussian_kernel1d(sigma, radius, x.dtype if x.is_floating_point() else torch.float32, x.device)
+    y = x.movedim(dim, -1)
+    shape = y.shape
+    y = y.reshape(-1, 1, n).to(k.dtype)
+    y = F.conv1d(F.pad(y, (radius, radius), mode="reflect"), k.view(1, 1, -1))
+    return y.reshape(shape).movedim(-1, dim)
+
+
+def gaussian_blur2d(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of (B, C, H, W) maps per channel with reflect padding; sigma <= 0 -> identity."""
+    if sigma <= 0:
+        return x
+    if x.dim() != 4:
+        raise ValueError(f"expected (B, C, H, W), got shape {tuple(x.shape)}")
+    return gaussian_blur1d(gaussian_blur1d(x, sigma, -1), sigma, -2)
+
+
+def slice_anomaly_map(
+    targets: Sequence[Tensor], recons: Sequence[Tensor], out_size: tuple[int, int], sigma: float = 4.0
+) -> Tensor:
+    """Per group 1 - channel cosine on the token grid, bilinear upsample, mean over groups, blur -> (B, 1, H, W)."""
+    if len(targets) != len(recons) or not targets:
+        raise ValueError("need the same non-zero number of targets and recons")
+    maps = []
+    for a, b in zip(targets, recons):
+        d = 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1).unsqueeze(1)
+        maps.append(F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=False))
+    return gaussian_blur2d(torch.stack(maps).mean(0), sigma)
+
+
+def top_percent_score(
+    values: Tensor, mask: Tensor | None = None, q: float = 0.01, dim: int | Sequence[int] | None = None
+) -> Tensor:
+    """Mean of the top ceil(q * n) values (at least 1) within `mask`, reducing `dim` (all when None); 0 if empty."""
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"q must lie in (0, 1], got {q}")
+    if mask is not None:
+        mask = torch.broadcast_to(mask.bool(), values.shape)
+    if dim is None:
+        dims = list(range(values.dim()))
+    else:
+        dims = sorted(d % values.dim() for d in ([dim] if isinstance(dim, int) else dim))
+    keep = [d for d in range(values.dim()) if d not in dims]
+    perm = keep + dims
+    out_shape = [values.shape[d] for d in keep]
+    v = values.permute(perm).reshape(*out_shape, -1) if values.dim() else values.reshape(1)
+    if v.shape[-1] == 0:
+        return values.new_zeros(out_shape)
+    v = v.float() if not v.is_floating_point() else v
+    if mask is not None:
+        m = mask.permute(perm).reshape(v.shape)
+        v = v.masked_fill(~m, float("-inf"))
+        n = m.sum(-1)
+    else:
+        n = torch.full(v.shape[:-1], v.shape[-1], device=v.device)
+    k = torch.ceil(n.double() * q - 1e-6).clamp_min(1).long()
+    k = torch.where(n > 0, torch.minimum(k, n.long()), torch.zeros_like(k))
+    kmax = int(k.max()) if k.numel() else 0
+    if kmax == 0:
+        return v.new_zeros(out_shape)
+    top = torch.topk(v, kmax, dim=-1).values
+    take = torch.arange(kmax, device=v.device) < k.unsqueeze(-1)
+    total = torch.where(take, top, torch.zeros_like(top)).sum(-1)
+    return torch.where(k > 0, total / k.clamp_min(1).to(total.dtype), torch.zeros_like(total))
+
+
+def prototype_usage(assignments: Tensor, num_prototypes: int) -> Tensor:
+    """Number of tokens assigned to each prototype (long, (M,)), for the prototype-collapse monitor."""
+    return torch.bincount(assignments.reshape(-1).long(), minlength=num_prototypes)[:num_prototypes]
+
+
+def feature_spread(features: Tensor) -> Tensor:
+    """Mean over channels of the std across all tokens and images; near 0 means collapsed features.
+
+    Accepts token layout (B, N, C) or grid layout (B, C, h, w).
+    """
+    if features.dim() == 4:
+        flat = features.movedim(1, -1).reshape(-1, features.shape[1])
+    elif features.dim() == 3:
+        flat = features.reshape(-1, features.shape[-1])
+    else:
+        raise ValueError(f"expected (B, N, C) or (B, C, h, w), got shape {tuple(features.shape)}")
+    if flat.shape[0] < 2:
+        return flat.new_zeros(())
+    return flat.float().std(0).mean()

@@ -1,0 +1,107 @@
+"""Normal-score calibration: thresholds at a chosen false-positive rate on normal volumes.
+
+After training, the model's voxel scores (inside the foreground) and volume scores on held-out NORMAL volumes
+are summarised. A voxel threshold for a false-positive rate ``fpr`` is the (1 - fpr) quantile of the normal
+voxel scores. Volume scores are few (one per normal volume), so they are modelled as a Gaussian: the volume
+threshold is ``mean + z(1 - fpr) * std`` and the [0, 1] score is the Gaussian CDF of a new volume's score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Calibration", "QUANTILE_LEVELS"]
+
+# dense in the upper tail, where thresholds for small false-positive rates live
+QUANTILE_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 1001), 1.0 - np.logspace(-7, -1, 301)]))
+
+
+def _norm_ppf(p: float) -> float:
+    """Inverse standard normal CDF (bisection on erf; no SciPy needed at inference)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+class Calibration:
+    """Distribution of normal voxel and volume scores, saved as JSON next to the model."""
+
+    def __init__(self, levels: Sequence[float], values: Sequence[float], volume_scores: Sequence[float], n_voxels: int):
+        self.levels = np.asarray(levels, dtype=np.float64)
+        self.values = np.asarray(values, dtype=np.float64)
+        self.volume_scores = np.asarray(volume_scores, dtype=np.float64)
+        self.n_voxels = int(n_voxels)
+
+    @classmethod
+    def from_scores(cls, voxel_values: Sequence[np.ndarray], volume_scores: Sequence[float]) -> Calibration:
+        """Summarise the foreground voxel scores of normal volumes (list of 1D arrays) and their volume scores."""
+        if len(voxel_values) == 0:
+            raise ValueError("calibration needs at least one normal volume")
+        allv = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in voxel_values])
+        if allv.size == 0:
+            raise ValueError("calibration volumes have no foreground voxels")
+        values = np.quantile(allv, QUANTILE_LEVELS)
+        return cls(QUANTILE_LEVELS, values, list(volume_scores), allv.size)
+
+    @property
+    def volume_mean(self) -> float:
+        return float(self.volume_scores.mean())
+
+    @property
+    def volume_std(self) -> float:
+        """Std of normal volume scores, floored at 5 % of the mean so one or two normals still give a usable scale."""
+        std = float(self.volume_scores.std(ddof=1)) if self.volume_scores.size > 1 else 0.0
+        return max(std, 0.05 * abs(self.volume_mean), 1e-8)
+
+    def voxel_threshold(self, fpr: float) -> float:
+        """Voxel score above which a fraction ``fpr`` of normal foreground voxels lies."""
+        if not 0.0 < fpr < 1.0:
+            raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
+        return float(np.interp(1.0 - fpr, self.levels, self.values))
+
+    def volume_threshold(self, fpr: float) -> float:
+        """Volume score threshold for a false-positive rate ``fpr`` on normal volumes (Gaussian model)."""
+        if not 0.0 < fpr < 1.0:
+            raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
+        return self.volume_mean + _norm_ppf(1.0 - fpr) * self.volume_std
+
+    def normalised_score(self, score: float) -> float:
+        """Volume score mapped to [0, 1]: Gaussian CDF under the normal-volume score distribution."""
+        z = (float(score) - self.volume_mean) / self.volume_std
+        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "monai-dnprd-calibration/1",
+            "levels": self.levels.tolist(),
+            "values": self.values.tolist(),
+            "volume_scores": self.volume_scores.tolist(),
+            "volume_mean": self.volume_mean,
+            "volume_std": self.volume_std,
+            "n_voxels": self.n_voxels,
+            "n_volumes": int(self.volume_scores.size),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON atomically."""
+        from monai_dnprd.io.writers import write_text
+
+        return write_text(json.dumps(self.to_dict(), indent=1), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration JSON written by ``save``."""
+        d = json.loads(Path(path).read_text())
+        if d.get("format") != "monai-dnprd-calibration/1":
+            raise ValueError(f"{path}: not a monai-dnprd calibration file")
+        return cls(d["levels"], d["values"], d["volume_scores"], d["n_voxels"])

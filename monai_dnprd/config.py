@@ -1,0 +1,136 @@
+"""Small helpers that the bundle configs call: device choice, boolean flags, override validation, data folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["setup_logging", "resolve_device", "as_bool", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
+
+logger = logging.getLogger(__name__)
+
+# arguments that `python -m monai.bundle run` itself takes (not config keys)
+MONAI_RUN_ARGS = frozenset(
+    {"config_file", "meta_file", "logging_file", "bundle_root", "args_file", "run_id", "init_id", "final_id",
+     "tracking", "workflow_type", "workflow_name", "properties_path"}
+)
+
+
+class UnknownOverrideError(ValueError):
+    """A command-line override names a key that no config file defines (most likely a typo)."""
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    name = "auto" if device in (None, "", "auto") else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def as_bool(value: Any) -> bool:
+    """Command-line booleans: true/false/yes/no/1/0 (Fire passes ``true`` as a string)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"true", "yes", "1", "on"}:
+        return True
+    if text in {"false", "no", "0", "off", "none", ""}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _cli_keys(argv: Sequence[str]) -> list[str]:
+    """Keys of ``--key value`` / ``--key=value`` pairs after ``run`` on a monai.bundle command line."""
+    keys = []
+    for tok in argv:
+        if tok.startswith("--"):
+            keys.append(tok[2:].split("=", 1)[0])
+    return keys
+
+
+def _config_files(argv: Sequence[str]) -> list[Path]:
+    files: list[str] = []
+    for i, tok in enumerate(argv):
+        if tok == "--config_file" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif tok.startswith("--config_file="):
+            files.append(tok.split("=", 1)[1])
+    out: list[Path] = []
+    for f in files:
+        f = f.strip()
+        if f.startswith("["):
+            out += [Path(x) for x in json.loads(f.replace("'", '"'))]
+        else:
+            out += [Path(x) for x in f.split(",")]
+    return out
+
+
+def check_cli_overrides(argv: Sequence[str] | None = None, extra_keys: Sequence[str] = ()) -> bool:
+    """Refuse command-line overrides that match no top-level key of the config file(s).
+
+    ``python -m monai.bundle run`` accepts any ``--key value`` and silently adds unknown keys, so a typo such
+    as ``--num_iteration 10`` would train with the default. Called from the configs' ``initialize`` list, this
+    checks ``sys.argv`` when the process is the monai.bundle command line and raises ``UnknownOverrideError``.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    is_bundle_cli = bool(argv) and Path(argv[0]).as_posix().endswith("monai/bundle/__main__.py")
+    if not is_bundle_cli or "run" not in argv[1:2]:
+        return True  # not the monai.bundle CLI (e.g. in-process ConfigWorkflow): nothing to check
+    known: set[str] = set(MONAI_RUN_ARGS) | set(extra_keys)
+    for f in _config_files(argv):
+        try:
+            known |= set(json.loads(Path(f).read_text()).keys())
+        except (OSError, ValueError):
+            return True  # monai.bundle reports unreadable config files itself
+    unknown = sorted({k for k in _cli_keys(argv) if k.split("#", 1)[0] not in known})
+    if unknown:
+        public = sorted(k for k in known if not k.startswith("_") and k not in MONAI_RUN_ARGS and k.islower())
+        raise UnknownOverrideError(
+            f"unknown option(s) {', '.join('--' + k for k in unknown)}; options of this config: "
+            + ", ".join("--" + k for k in public)
+        )
+    return True
+
+
+def training_lists(dataset_dir: str | None, val_dir: str | None = None, val_fraction: float = 0.2,
+                   seed: int = 0) -> dict[str, list[dict]]:
+    """Training and validation datalists: the user's folders, or the embedded demo data when none is given."""
+    from monai_dnprd.data import normal_datalists
+    from monai_dnprd.io import find_volumes
+
+    if dataset_dir in (None, "", "None", "null"):
+        from monai_dnprd.demo import prepare_demo_data
+
+        dirs = prepare_demo_data()
+        dataset_dir, val_dir = str(dirs["train"]), str(dirs["val"])
+        logger.info("no --dataset_dir given: training on the embedded demo data in %s", dirs["root"])
+    if val_dir not in (None, "", "None", "null"):
+        train, problems = find_volumes(dataset_dir)
+        val, val_problems = find_volumes(val_dir)
+        for p in problems + val_problems:
+            logger.warning("skipped: %s", p)
+    else:
+        train, val = normal_datalists(dataset_dir, val_fraction=val_fraction, seed=seed)
+    logger.info("%d training and %d validation volumes", len(train), len(val))
+    return {"train": train, "val": val}
+
+
+def setup_logging(level: int = logging.INFO) -> bool:
+    """Show the package's progress messages on stdout unless the user configured logging already."""
+    log = logging.getLogger("monai_dnprd")
+    log.setLevel(level)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    return True

@@ -1,0 +1,183 @@
+"""Datasets of the workflows: normal-volume splits, safe per-volume loading, training slices, validation volumes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import CacheDataset, Dataset
+from torch.utils.data import Dataset as TorchDataset
+
+from monai_dnprd.io import VolumeError, find_volumes
+
+__all__ = [
+    "SafeDataset",
+    "normal_datalists",
+    "labelled_datalist",
+    "SliceDataset",
+    "slice_dataset",
+    "synthetic_validation_dataset",
+    "first_item",
+    "inference_datalist",
+    "load_label",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def first_item(batch: list) -> Any:
+    """Collate function of the per-volume loaders: one volume per iteration, no batch dimension."""
+    return batch[0]
+
+
+class SafeDataset(Dataset):
+    """A dataset whose items never raise: a volume that fails to load or preprocess becomes an error record.
+
+    The record ``{"name", "image", "error"}`` travels through the engine so that the workflow can report the
+    failure and go on with the other volumes.
+    """
+
+    def _transform(self, index: int) -> dict:
+        item = self.data[index]
+        start = time.perf_counter()
+        try:
+            out = super()._transform(index)
+            out["load_seconds"] = time.perf_counter() - start
+            return out
+        except Exception as err:  # noqa: BLE001 - one bad volume must not stop the run
+            cause: BaseException = err
+            while getattr(cause, "__cause__", None) is not None and not isinstance(cause, VolumeError):
+                cause = cause.__cause__  # MONAI wraps transform errors in RuntimeError
+            if isinstance(cause, VolumeError):
+                reason = cause.reason
+            else:
+                reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".strip()
+            return {"name": item.get("name"), "image": item.get("image"), "error": reason}
+
+
+def normal_datalists(
+    dataset_dir: str | Path, val_fraction: float = 0.2, seed: int = 0, min_val: int = 1
+) -> tuple[list[dict], list[dict]]:
+    """Find the normal volumes under ``dataset_dir`` and split them into training and validation lists.
+
+    The validation volumes (at least ``min_val`` when there are two volumes or more) are never trained on:
+    they carry synthetic lesions for model selection and give the normal-score calibration.
+    """
+    items, problems = find_volumes(dataset_dir)
+    for p in problems:
+        logger.warning("skipped: %s", p)
+    if not items:
+        raise VolumeError(dataset_dir, "no usable volumes")
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = max(min_val, int(round(val_fraction * len(items)))) if len(items) > 1 else 0
+    val = [items[i] for i in sorted(order[:n_val])]
+    train = [items[i] for i in sorted(order[n_val:])]
+    if not val:
+        logger.warning("only one volume: validation and calibration reuse the training volume")
+        val = list(train)
+    return train, val
+
+
+def labelled_datalist(input_dir: str | Path, label_dir: str | Path | None = None) -> tuple[list[dict], list[VolumeError]]:
+    """Volumes under ``input_dir``, each with ``label`` = the file of the same name under ``label_dir``.
+
+    A missing label is an error of the whole run (evaluation without a label would silently drop a case).
+    """
+    items, problems = find_volumes(input_dir)
+    if label_dir is None:
+        return items, problems
+    labels, label_problems = find_volumes(label_dir)
+    by_name = {d["name"]: d for d in labels}
+    missing = [d["name"] for d in items if d["name"] not in by_name]
+    if missing:
+        raise VolumeError(label_dir, f"no label for {len(missing)} volume(s): {', '.join(missing[:5])}")
+    for d in items:
+        d["label"] = by_name[d["name"]]["image"]
+        d["label_series_uid"] = by_name[d["name"]].get("series_uid", "")
+    return items, problems + label_problems
+
+
+class SliceDataset(TorchDataset):
+    """Random 2.5D training slices from preprocessed (cached) normal volumes.
+
+    Item ``i`` draws one slice of volume ``i % n_volumes`` with ``slice_sampler`` (a ``RandSlice25Dd`` with
+    ``num_samples=1``), then applies ``slice_transform``; an epoch visits every volume
+    ``samples_per_volume`` times, and a shuffling loader mixes volumes within each batch.
+    """
+
+    def __init__(self, volumes: TorchDataset, slice_sampler: Callable, slice_transform: Callable | None = None,
+                 samples_per_volume: int = 8) -> None:
+        self.volumes = volumes
+        self.slice_sampler = slice_sampler
+        self.slice_transform = slice_transform
+        self.samples_per_volume = int(samples_per_volume)
+
+    def __len__(self) -> int:
+        return len(self.volumes) * self.samples_per_volume
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.slice_sampler(self.volumes[index % len(self.volumes)])
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return self.slice_transform(sample) if self.slice_transform is not None else sample
+
+
+def slice_dataset(
+    volumes: Sequence[dict],
+    preprocessing: Callable,
+    slice_sampler: Callable,
+    slice_transform: Callable | None = None,
+    samples_per_volume: int = 8,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+) -> SliceDataset:
+    """Training slices: volumes preprocessed once (cached in memory), then random 2.5D slices drawn from them."""
+    cached = CacheDataset(list(volumes), transform=preprocessing, cache_rate=cache_rate, num_workers=num_workers,
+                          progress=False)
+    return SliceDataset(cached, slice_sampler, slice_transform, samples_per_volume)
+
+
+def synthetic_validation_dataset(
+    volumes: Sequence[dict], preprocessing: Callable, lesion_transform: Callable, seed: int = 12345
+) -> list[dict]:
+    """Preprocessed normal volumes with synthetic lesions inserted, fixed once by ``seed`` (same every validation)."""
+    out = []
+    for i, item in enumerate(volumes):
+        d = preprocessing(dict(item))
+        if hasattr(lesion_transform, "set_random_state"):
+            lesion_transform.set_random_state(seed + i)
+        out.append(lesion_transform(d))
+    return out
+
+
+
+def inference_datalist(input_dir: str | Path, output_dir: str | Path | None = None, skip_existing: bool = False,
+                       label_dir: str | Path | None = None) -> list[dict]:
+    """Volumes to process under ``input_dir`` (with labels from ``label_dir`` when given).
+
+    Files that could not even be inspected become error records (reported like any failed volume). With
+    ``skip_existing``, volumes whose map already exists in ``output_dir`` are left out (rerun after a kill).
+    """
+    items, problems = labelled_datalist(input_dir, label_dir)
+    if skip_existing and output_dir is not None:
+        done = {p.name[: -len(".nii.gz")] for p in Path(output_dir).glob("*.nii.gz")}
+        skipped = [d for d in items if d["name"] in done]
+        items = [d for d in items if d["name"] not in done]
+        if skipped:
+            logger.info("skipping %d volume(s) whose map already exists in %s", len(skipped), output_dir)
+    errors = [{"name": Path(p.path).name, "image": p.path, "error": p.reason} for p in problems]
+    return items + errors
+
+
+def load_label(d: dict) -> np.ndarray:
+    """The lesion mask of an evaluation item, checked against the map's shape (original image space)."""
+    from monai_dnprd.io import read_volume
+
+    label = read_volume(d["label"], d.get("label_series_uid") or None).array > 0
+    shape = tuple(d["pred"].shape[1:])
+    if label.shape != shape:
+        raise VolumeError(d["label"], f"label shape {label.shape} differs from the image shape {shape}")
+    return label

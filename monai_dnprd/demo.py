@@ -1,0 +1,157 @@
+"""The embedded default data: a small normal cohort and test volumes with synthetic lesions, made on first use.
+
+Sources (shipped in ``monai_dnprd/demo_data``, see its README for licences): three healthy adult T1 brains
+(IXI012, IXI015, "chris") and the MNI ICBM152 2009a template, all at 2 mm. From them, deterministically:
+
+- ``normal_train/``: 12 normal volumes, 6 realistic random variants each of IXI012 and chris (rotation,
+  scaling, translation, bias field, contrast, noise), on their own grids;
+- ``normal_val/``: 2 variants of the MNI template (a subject never trained on), for validation with
+  synthetic lesions and for the normal-score calibration;
+- ``test/images`` + ``test/labels``: the held-out subject IXI015, 4 volumes with synthetic lesions (each kind)
+  and 2 normal variants, with lesion masks (all zero for the normal ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandBiasField, RandGaussianNoise
+
+from monai_dnprd.io.writers import write_nifti
+from monai_dnprd.transforms.array import ForegroundMask, SyntheticLesion
+
+__all__ = ["demo_root", "prepare_demo_data", "demo_dirs", "SOURCE_DIR"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent / "demo_data"
+DEMO_VERSION = 1
+_TRAIN_SUBJECTS = ("IXI012-HH-1211_T1.nii.gz", "chris_t1_2mm.nii.gz")
+_VAL_SUBJECT = "mni152_2009a_t1_2mm.nii.gz"
+_TEST_SUBJECT = "IXI015-HH-1258_T1.nii.gz"
+_VARIANTS_PER_TRAIN_SUBJECT = 6
+_VAL_VARIANTS = 2
+_TEST_LESION_KINDS = ("hyper", "hypo", "texture", "deform")
+_TEST_NORMALS = 2
+
+
+def demo_root() -> Path:
+    """Where the demo data is made: ``$MONAI_DNPRD_DEMO_DIR`` or ``~/.cache/monai-dnprd/demo-v<N>``."""
+    env = os.environ.get("MONAI_DNPRD_DEMO_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "monai-dnprd" / f"demo-v{DEMO_VERSION}"
+
+
+def _load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(SOURCE_DIR / name))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def _augmenter(seed: int) -> Compose:
+    """Realistic variation of a normal head: pose and size, coil bias field, contrast and noise."""
+    aug = Compose(
+        [
+            RandAffine(prob=1.0, rotate_range=(0.12, 0.12, 0.12), scale_range=(0.07, 0.07, 0.07),
+                       translate_range=(3, 3, 3), padding_mode="zeros", mode="bilinear"),
+            RandBiasField(prob=1.0, coeff_range=(0.1, 0.25), degree=3),
+            RandAdjustContrast(prob=1.0, gamma=(0.8, 1.25)),
+            RandGaussianNoise(prob=1.0, mean=0.0, std=0.01),
+        ]
+    )
+    aug.set_random_state(seed)
+    return aug
+
+
+def _variant(array: np.ndarray, affine: np.ndarray, seed: int) -> np.ndarray:
+    """One augmented variant on the source grid, intensities rescaled to the source's range (uint8-like)."""
+    hi = float(np.percentile(array, 99.9)) or 1.0
+    x = MetaTensor(torch.from_numpy(array / hi)[None], affine=torch.as_tensor(affine))
+    y = _augmenter(seed)(x)
+    y = torch.as_tensor(y)[0].clamp_min(0).numpy() * hi
+    return y.astype(np.float32)
+
+
+def _insert_lesions(array: np.ndarray, affine: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic lesion of ``kind`` inserted in raw intensities; returns (volume, lesion mask)."""
+    img = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(affine))
+    mask = torch.as_tensor(ForegroundMask()(img)) > 0
+    inside = array[mask[0].numpy()]
+    lo, hi = np.percentile(inside, [0.5, 99.5])
+    scale = max(float(hi - lo), 1e-6)
+    norm = ((torch.as_tensor(img) - lo) / scale).clamp(0, 1) * mask
+    norm = MetaTensor(norm, affine=torch.as_tensor(affine))
+    gen = SyntheticLesion(kinds=(kind,), num_lesions=(1, 2), radius_mm=(6.0, 18.0))
+    gen.set_random_state(seed)
+    new, lesion = gen(norm, mask.to(torch.uint8))
+    change = (torch.as_tensor(new) - torch.as_tensor(norm))[0].numpy() * scale
+    out = np.clip(array + change, 0, None).astype(np.float32)
+    return out, (torch.as_tensor(lesion)[0].numpy() > 0).astype(np.uint8)
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256(str(DEMO_VERSION).encode())
+    for f in sorted(SOURCE_DIR.glob("*.nii.gz")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def demo_dirs(root: str | Path | None = None) -> dict[str, Path]:
+    """The demo folders under ``root`` (not created)."""
+    root = Path(root) if root else demo_root()
+    return {
+        "root": root,
+        "train": root / "normal_train",
+        "val": root / "normal_val",
+        "test_images": root / "test" / "images",
+        "test_labels": root / "test" / "labels",
+    }
+
+
+def prepare_demo_data(root: str | Path | None = None, force: bool = False) -> dict[str, Path]:
+    """Create the demo data under ``root`` unless it is already there (deterministic, about 20 s, ~30 MB)."""
+    dirs = demo_dirs(root)
+    stamp = dirs["root"] / "demo.json"
+    fp = _fingerprint()
+    if not force and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()).get("fingerprint") == fp:
+                return dirs
+        except (ValueError, OSError):
+            pass
+    logger.info("creating the demo data in %s (first use)", dirs["root"])
+    for key in ("train", "val", "test_images", "test_labels"):
+        dirs[key].mkdir(parents=True, exist_ok=True)
+    seed = 0
+    for subject in _TRAIN_SUBJECTS:
+        arr, aff = _load(subject)
+        stem = subject.split(".")[0].split("_T1")[0].replace("_t1_2mm", "")
+        for v in range(_VARIANTS_PER_TRAIN_SUBJECT):
+            seed += 1
+            write_nifti(_variant(arr, aff, seed), aff, dirs["train"] / f"{stem}_v{v}.nii.gz")
+    arr, aff = _load(_VAL_SUBJECT)
+    for v in range(_VAL_VARIANTS):
+        seed += 1
+        write_nifti(_variant(arr, aff, seed), aff, dirs["val"] / f"mni152_v{v}.nii.gz")
+    arr, aff = _load(_TEST_SUBJECT)
+    for i, kind in enumerate(_TEST_LESION_KINDS):
+        seed += 1
+        base = _variant(arr, aff, seed)
+        vol, lesion = _insert_lesions(base, aff, kind, seed=1000 + i)
+        name = f"IXI015_{kind}"
+        write_nifti(vol, aff, dirs["test_images"] / f"{name}.nii.gz")
+        write_nifti(lesion, aff, dirs["test_labels"] / f"{name}.nii.gz", dtype=np.uint8)
+    for v in range(_TEST_NORMALS):
+        seed += 1
+        vol = _variant(arr, aff, seed)
+        write_nifti(vol, aff, dirs["test_images"] / f"IXI015_normal{v}.nii.gz")
+        write_nifti(np.zeros(vol.shape, np.uint8), aff, dirs["test_labels"] / f"IXI015_normal{v}.nii.gz", dtype=np.uint8)
+    stamp.write_text(json.dumps({"fingerprint": fp, "version": DEMO_VERSION}))
+    return dirs

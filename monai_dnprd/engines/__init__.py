@@ -1,0 +1,15 @@
+"""Ignite engines (trainer, volume evaluator) and their handlers."""
+
+from .evaluator import DNPVolumeEvaluator, axial_axis
+from .handlers import (
+    AnomalyMetricsHandler,
+    BestModelSaver,
+    CalibrationHandler,
+    CheckpointHandler,
+    ExportHandler,
+    PeriodicValidation,
+    ProgressBar,
+    TrainingLogger,
+)
+from .schedule import build_optimizer, cosine_lr, stage_lambdas
+from .trainer import DNPTrainer, autocast_context

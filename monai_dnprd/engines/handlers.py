@@ -1,0 +1,363 @@
+"""Ignite handlers of the workflows: progress, logging, checkpoints and resume, export, calibration, metrics.
+
+Each handler has ``attach(engine)`` so that MONAI workflows (and bundle configs) can list them in
+``train_handlers`` / ``val_handlers``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from monai_dnprd.calibration import Calibration
+from monai_dnprd.checkpoint import export_model, load_checkpoint, save_atomic
+from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
+
+__all__ = [
+    "ProgressBar",
+    "TrainingLogger",
+    "CheckpointHandler",
+    "BestModelSaver",
+    "ExportHandler",
+    "CalibrationHandler",
+    "PeriodicValidation",
+    "AnomalyMetricsHandler",
+]
+
+logger = logging.getLogger("monai_dnprd")
+
+
+def _scalars(d: Any) -> dict[str, float]:
+    """The finite-or-not float entries of a dict (engine outputs, metrics)."""
+    if not isinstance(d, dict):
+        return {}
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class ProgressBar:
+    """A tqdm progress bar over iterations showing the given output keys (e.g. the loss)."""
+
+    def __init__(self, output_keys: Sequence[str] = (), desc: str | None = None) -> None:
+        self.output_keys = tuple(output_keys)
+        self.desc = desc
+
+    def attach(self, engine: Engine) -> None:
+        from ignite.handlers import ProgressBar as _Bar
+
+        keys = self.output_keys
+        bar = _Bar(persist=True, desc=self.desc, bar_format="{desc}[{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}|{postfix} [{elapsed}<{remaining}]")
+
+        def transform(output: Any) -> dict:
+            return {k: output[k] for k in keys if isinstance(output, dict) and k in output}
+
+        bar.attach(engine, output_transform=transform if keys else None)
+
+
+class TrainingLogger:
+    """Logs the trainer's scalar outputs (losses, learning rates, collapse monitor) to stdout and TensorBoard.
+
+    Attach to the trainer; pass ``evaluator`` to also log its metrics after each validation.
+    """
+
+    def __init__(self, log_dir: str | Path | None = None, interval: int = 20, evaluator: Engine | None = None) -> None:
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.interval = max(1, int(interval))
+        self.evaluator = evaluator
+        self.writer = None
+        self.history: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        if self.log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(self.log_dir / "tensorboard"))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._validation, engine)
+
+    def _iteration(self, engine: Engine) -> None:
+        it = engine.state.iteration
+        stats = _scalars(engine.state.output)
+        if self.writer is not None:
+            for k, v in stats.items():
+                self.writer.add_scalar(f"train/{k}", v, it)
+        if it % self.interval == 0 or it == 1:
+            record = {"iteration": it, **stats}
+            self.history.append(record)
+            self._append_jsonl(record)
+            text = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if not k.startswith("lr_") and k != "stage")
+            lrs = " ".join(f"{k}={v:.2g}" for k, v in stats.items() if k.startswith("lr_"))
+            stage = "mim-warmup" if stats.get("stage", 1.0) == 0.0 else "dnp"
+            logger.info("iter %d/%d [%s] %s %s", it, engine.state.epoch_length * engine.state.max_epochs, stage, text, lrs)
+            if stats.get("teacher_spread", 1.0) < 1e-3:
+                logger.warning("teacher features have almost no spread (%.2e): possible collapse", stats["teacher_spread"])
+
+    def _validation(self, evaluator: Engine, trainer: Engine) -> None:
+        metrics = _scalars(evaluator.state.metrics)
+        it = trainer.state.iteration
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if math.isfinite(v):
+                    self.writer.add_scalar(f"val/{k}", v, it)
+        self._append_jsonl({"iteration": it, **{f"val_{k}": v for k, v in metrics.items()}})
+        logger.info("validation at iter %d: %s", it, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def _append_jsonl(self, record: dict) -> None:
+        if self.log_dir is None:
+            return
+        with open(self.log_dir / "training_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _close(self, engine: Engine) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+
+class CheckpointHandler:
+    """Saves the full training state atomically every ``interval`` iterations and at the end; resumes from it.
+
+    The checkpoint (``<ckpt_dir>/checkpoint.pt``) holds every object in ``objects`` (network with its EMA
+    teacher, optimizer, LR scheduler, MIM head, trainer state with the iteration count) and the RNG states, and
+    loads with ``weights_only=True``. With ``resume=True`` a run continues from the iteration it last saved.
+    """
+
+    def __init__(self, ckpt_dir: str | Path, objects: dict[str, Any], interval: int = 50, resume: bool = False) -> None:
+        self.path = Path(ckpt_dir) / "checkpoint.pt"
+        self.objects = objects
+        self.interval = max(1, int(interval))
+        self.resume = bool(resume)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._load)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.interval), self._save)
+        engine.add_event_handler(Events.COMPLETED, self._save)
+
+    def _state(self, engine: Engine) -> dict:
+        state = {}
+        for name, obj in self.objects.items():
+            if obj is None:
+                continue
+            target = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj
+            state[name] = target.state_dict()
+        state["trainer"] = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
+        state["rng"] = {"torch": torch.get_rng_state()}
+        return state
+
+    def _save(self, engine: Engine) -> None:
+        if getattr(engine.state, "rank", 0) != 0:
+            return
+        save_atomic(self._state(engine), self.path)
+
+    def _load(self, engine: Engine) -> None:
+        if not self.resume:
+            return
+        if not self.path.is_file():
+            logger.info("resume requested but %s does not exist: starting from iteration 0", self.path)
+            return
+        ckpt = load_checkpoint(self.path)
+        for name, obj in self.objects.items():
+            if obj is None or name not in ckpt:
+                continue
+            target = obj.module if hasattr(obj, "module") and isinstance(obj, torch.nn.Module) else obj
+            target.load_state_dict(ckpt[name])
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        it = int(ckpt["trainer"]["iteration"])
+        engine.state.iteration = it
+        engine.state.epoch = it // engine.state.epoch_length  # Ignite continues mid-epoch from state.iteration
+        logger.info("resumed from %s at iteration %d", self.path, it)
+        if it >= engine.state.epoch_length * engine.state.max_epochs:
+            logger.info("the resumed run had already finished")
+
+
+class BestModelSaver:
+    """Keeps the network with the best validation metric (``key``, higher is better) as an exported model file."""
+
+    def __init__(self, path: str | Path, network: torch.nn.Module, preprocessing: dict, key: str = "voxel_ap") -> None:
+        self.path = Path(path)
+        self.network = network
+        self.preprocessing = preprocessing
+        self.key = key
+        self.best = -math.inf
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+        if self.path.is_file():  # a resumed run keeps its earlier best
+            try:
+                self.best = float(load_checkpoint(self.path).get("metrics", {}).get(self.key, -math.inf))
+            except ValueError:
+                self.best = -math.inf
+
+    def _check(self, engine: Engine) -> None:
+        value = float(engine.state.metrics.get(self.key, float("nan")))
+        if math.isfinite(value) and value > self.best:
+            self.best = value
+            metrics = _scalars(engine.state.metrics)
+            export_model(self.path, self.network, self.preprocessing, metrics=metrics)
+            logger.info("new best %s=%.4f -> %s", self.key, value, self.path)
+
+
+class ExportHandler:
+    """At the end of training writes ``model.pt``: the best validated weights if any, else the final ones."""
+
+    def __init__(self, path: str | Path, network: torch.nn.Module, preprocessing: dict, best_path: str | Path | None = None) -> None:
+        self.path = Path(path)
+        self.network = network
+        self.preprocessing = preprocessing
+        self.best_path = Path(best_path) if best_path else None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self._export)
+
+    def _export(self, engine: Engine) -> None:
+        if getattr(engine.state, "rank", 0) != 0:
+            return
+        if self.best_path is not None and self.best_path.is_file():
+            best = load_checkpoint(self.best_path)
+            export_model(self.path, self.network, self.preprocessing, metrics=best.get("metrics"), state_dict=best["state_dict"])
+            net = self.network.module if hasattr(self.network, "module") else self.network
+            net.load_state_dict(best["state_dict"])  # calibration and anything after use the exported weights
+            logger.info("exported the best validated model (%s) to %s", best.get("metrics"), self.path)
+        else:
+            export_model(self.path, self.network, self.preprocessing)
+            logger.info("exported the final model to %s", self.path)
+
+
+class CalibrationHandler:
+    """After training, scores the normal validation volumes and stores the normal-score distribution.
+
+    ``datalist`` holds normal volumes (never trained on), preprocessed here with ``preprocessing``; the result
+    goes to ``path`` (JSON, see ``monai_dnprd.calibration``) and inference uses it to set thresholds.
+    """
+
+    def __init__(self, path: str | Path, datalist: Sequence[dict], preprocessing: Callable, network: torch.nn.Module,
+                 inferer: Callable, score_q: float = 0.01) -> None:
+        self.path = Path(path)
+        self.datalist = datalist
+        self.preprocessing = preprocessing
+        self.network = network
+        self.inferer = inferer
+        self.score_q = score_q
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self._calibrate)
+
+    def _calibrate(self, engine: Engine) -> None:
+        if getattr(engine.state, "rank", 0) != 0:
+            return
+        from monai_dnprd.anomaly_map import top_percent_score
+
+        device = next(self.network.parameters()).device
+        voxel_values, volume_scores = [], []
+        for item in self.datalist:
+            d = self.preprocessing(dict(item))
+            pred = self.inferer(d["image"].to(device), self.network, mask=d["mask"])
+            values = torch.as_tensor(pred)[torch.as_tensor(d["mask"]) > 0]
+            voxel_values.append(values.numpy())
+            volume_scores.append(float(top_percent_score(values, q=self.score_q)))
+        cal = Calibration.from_scores(voxel_values, volume_scores)
+        cal.save(self.path)
+        logger.info("calibration on %d normal volumes: volume score %.4f +- %.4f, voxel threshold at FPR 1%%: %.4f -> %s",
+                    len(volume_scores), cal.volume_mean, cal.volume_std, cal.voxel_threshold(0.01), self.path)
+
+
+class PeriodicValidation:
+    """Runs ``validator`` every ``interval`` iterations after ``start`` (the warm-up) and at the last iteration.
+
+    Validating during the masked-image warm-up would measure an untrained decoder, so it starts after it.
+    """
+
+    def __init__(self, validator: Engine, interval: int, start: int = 0) -> None:
+        self.validator = validator
+        self.interval = max(1, int(interval))
+        self.start = int(start)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_run)
+
+    def _maybe_run(self, engine: Engine) -> None:
+        it = engine.state.iteration
+        last = engine.state.epoch_length * engine.state.max_epochs
+        if it <= self.start:
+            return
+        if (it - self.start) % self.interval == 0 or it == last:
+            self.validator.run()
+
+
+class AnomalyMetricsHandler:
+    """Accumulates maps and lesion labels over an evaluator epoch and puts the metrics in ``state.metrics``.
+
+    Each output dict needs "pred" and "mask"; its "label" (tensor or file path) marks lesion voxels (absent or
+    all zero: a normal volume). Scalar metrics go to ``engine.state.metrics`` with keys like ``voxel_ap``;
+    with ``output_dir`` the full result is written to ``metrics.json`` and a table is printed.
+    """
+
+    def __init__(self, output_dir: str | Path | None = None, axis: int | None = -1, q: float = 0.01,
+                 threshold: float | None = None, max_pooled_voxels: int | None = None, print_table: bool = False,
+                 label_loader: Callable | None = None) -> None:
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.axis = axis
+        self.q = q
+        self.threshold = threshold
+        self.max_pooled_voxels = max_pooled_voxels
+        self.print_table = print_table
+        self.label_loader = label_loader
+        self.acc: VolumeMetricAccumulator | None = None
+        self.result: dict = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._compute)
+
+    def _reset(self, engine: Engine) -> None:
+        self.acc = None
+
+    def _update(self, engine: Engine) -> None:
+        d = engine.state.output
+        if not isinstance(d, dict) or d.get("error") or "pred" not in d:
+            return
+        pred = torch.as_tensor(d["pred"]).detach().cpu().numpy()[0]
+        mask = torch.as_tensor(d["mask"]).cpu().numpy()[0] > 0 if d.get("mask") is not None else None
+        label = d.get("label")
+        if isinstance(label, (str, Path)) and self.label_loader is not None:
+            label = self.label_loader(d)
+        label = None if label is None else (torch.as_tensor(label).cpu().numpy().reshape(pred.shape) > 0)
+        axis = self.axis
+        if axis is None:  # original image space: slice along the array axis closest to inferior-superior
+            from monai_dnprd.engines.evaluator import axial_axis
+
+            axis = axial_axis(torch.as_tensor(d["pred"].affine) if hasattr(d["pred"], "affine") else np.eye(4))
+        if self.acc is None:
+            self.acc = VolumeMetricAccumulator(axis=axis, q=self.q, max_pooled_voxels=self.max_pooled_voxels)
+        self.acc.axis = axis
+        is_normal = None if label is None else (not bool(label.any()))
+        self.acc.add(str(d.get("name")), pred, label=label, mask=mask, volume_score=d.get("score"),
+                     is_normal=is_normal, threshold=self.threshold)
+
+    def _compute(self, engine: Engine) -> None:
+        if self.acc is None:
+            return
+        self.result = self.acc.compute()
+        flat = {}
+        for level in ("voxel", "slice", "volume"):
+            for k, v in self.result.get(level, {}).items():
+                if isinstance(v, (int, float)):
+                    flat[f"{level}_{k}"] = float(v)
+        engine.state.metrics.update(flat)
+        if self.output_dir is not None:
+            from monai_dnprd.io.writers import write_text
+
+            write_text(json.dumps(self.result, indent=1, default=float), self.output_dir / "metrics.json")
+        if self.print_table:
+            print(format_metrics_table(self.result), flush=True)

@@ -1,0 +1,24 @@
+"""Networks: DINOv2-layout ViT encoder, EMA teacher, DNP-ConFormer and the masked-image-modelling head."""
+
+from .dnp import DNPConFormer, DNPOutput, PrototypeAttentionBlock, PrototypeExtractor
+from .ema import ema_update, make_teacher
+from .mim import MIMHead, mim_loss, patchify, random_patch_mask
+from .vit import VIT_PRESETS, ViTEncoder, default_groups, default_taps, load_dinov2_weights
+
+__all__ = [
+    "VIT_PRESETS",
+    "ViTEncoder",
+    "default_taps",
+    "default_groups",
+    "load_dinov2_weights",
+    "ema_update",
+    "make_teacher",
+    "DNPOutput",
+    "PrototypeExtractor",
+    "PrototypeAttentionBlock",
+    "DNPConFormer",
+    "MIMHead",
+    "mim_loss",
+    "patchify",
+    "random_patch_mask",
+]

@@ -1,0 +1,227 @@
+"""DNP-ConFormer: ViT student, EMA teacher, normal-prototype extractor and prototype-attention decoder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ema import ema_update, make_teacher
+from .vit import VIT_PRESETS, Mlp, ViTEncoder, default_groups, default_taps, load_dinov2_weights
+
+__all__ = ["DNPOutput", "PrototypeExtractor", "PrototypeAttentionBlock", "DNPConFormer"]
+
+logger = logging.getLogger(__name__)
+
+DNP_LN_EPS = 1e-8  # method.md: LayerNorm eps 1e-8 in the DNP parts
+
+
+@dataclass
+class DNPOutput:
+    """Everything the losses, anomaly maps and monitors need from one forward pass."""
+
+    targets: list[Tensor]  # G x (B, C, h, w): teacher group features (detached)
+    recons: list[Tensor]  # G x (B, C, h, w): decoder reconstructions
+    prototypes: Tensor  # (B, M, C)
+    tokens: Tensor  # (B, N, C): student fused tokens f (mean of taps), input of L_DAA
+    assignments: Tensor  # (B, N) long: nearest prototype (cosine) per token
+
+
+def _init_dnp(module: nn.Module) -> None:
+    """method.md init for the DNP parts: Linear trunc_normal(std=0.01) with zero bias, LayerNorm 1/0."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class PrototypeExtractor(nn.Module):
+    """M learnable queries cross-attend (softmax) to LayerNorm(f) to extract per-image normal prototypes."""
+
+    def __init__(self, dim: int, num_prototypes: int = 6, num_heads: int = 6, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.prototypes = nn.Parameter(torch.empty(1, num_prototypes, dim))
+        self.norm_kv = nn.LayerNorm(dim, eps=DNP_LN_EPS)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=DNP_LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        _init_dnp(self)
+        nn.init.normal_(self.prototypes)
+
+    def forward(self, f: Tensor) -> Tensor:
+        """(B, N, C) fused tokens -> (B, M, C) prototypes."""
+        b, n, c = f.shape
+        h = self.num_heads
+        p = self.prototypes.expand(b, -1, -1)
+        q = self.q(p).reshape(b, -1, h, c // h).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(f)).reshape(b, n, 2, h, c // h).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        p = p + self.proj(a)
+        return p + self.mlp(self.norm2(p))
+
+
+class PrototypeAttentionBlock(nn.Module):
+    """Decoder block reading only from prototypes: x = proj(ReLU(s_h cos(q, k)) v), then x + MLP(LN(x)); no softmax."""
+
+    def __init__(self, dim: int, num_heads: int = 6, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm_x = nn.LayerNorm(dim, eps=DNP_LN_EPS)
+        self.norm_p = nn.LayerNorm(dim, eps=DNP_LN_EPS)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.scale = nn.Parameter(torch.ones(num_heads, 1, 1))  # learnable per-head s_h, init 1
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=DNP_LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        _init_dnp(self)
+
+    def attention_weights(self, x: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+        """Un-normalised weights ReLU(s_h cos(q, k)) of shape (B, H, N, M) and values (B, H, M, D)."""
+        b, n, c = x.shape
+        h = self.num_heads
+        q = self.q(self.norm_x(x)).reshape(b, n, h, c // h).transpose(1, 2)
+        k, v = self.kv(self.norm_p(prototypes)).reshape(b, -1, 2, h, c // h).permute(2, 0, 3, 1, 4)
+        cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        return F.relu(self.scale * cos), v
+
+    def forward(self, x: Tensor, prototypes: Tensor) -> Tensor:
+        """(B, N, C) tokens, (B, M, C) prototypes -> (B, N, C)."""
+        b, n, c = x.shape
+        w, v = self.attention_weights(x, prototypes)
+        x = self.proj((w @ v).transpose(1, 2).reshape(b, n, c))  # no residual around the attention
+        return x + self.mlp(self.norm2(x))
+
+
+class DNPConFormer(nn.Module):
+    """Reverse-distillation transformer: decoder rebuilds EMA-teacher features from per-image normal prototypes."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 14,
+        in_channels: int = 3,
+        vit: str = "small",
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+        num_register_tokens: int = 4,
+        num_prototypes: int = 6,
+        taps: Sequence[int] | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
+        ema_beta: float = 0.999,
+        pretrained: str | None = None,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if vit not in VIT_PRESETS:
+            raise ValueError(f"unknown vit preset {vit!r}; choose one of {sorted(VIT_PRESETS)}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+        preset = VIT_PRESETS[vit]
+        embed_dim = embed_dim or preset["embed_dim"]
+        depth = depth or preset["depth"]
+        num_heads = num_heads or preset["num_heads"]
+        taps = list(taps) if taps is not None else default_taps(depth)
+        groups = [list(g) for g in groups] if groups is not None else default_groups(len(taps))
+        if min(taps) < 0 or max(taps) >= depth:
+            raise ValueError(f"taps {taps} out of range for depth {depth}")
+        if sorted(i for g in groups for i in g) != list(range(len(taps))) or any(not g for g in groups):
+            raise ValueError(f"groups {groups} must partition the tap indices 0..{len(taps) - 1}")
+        self._config = dict(
+            img_size=img_size, patch_size=patch_size, in_channels=in_channels, vit=vit, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, num_register_tokens=num_register_tokens, num_prototypes=num_prototypes,
+            taps=list(taps), groups=[list(g) for g in groups], ema_beta=ema_beta, pretrained=pretrained,
+            mlp_ratio=mlp_ratio,
+        )
+        self.pretrained = pretrained
+        self.taps = taps
+        self.groups = groups
+        self.ema_beta = ema_beta
+        self.num_prototypes = num_prototypes
+        # LayerScale at 1.0 keeps the DINOv2 key layout (ls*.gamma) whether or not weights are loaded, and trains
+        # from scratch (the DINOv2 1e-8 init would make every block an identity).
+        self.encoder = ViTEncoder(
+            img_size, patch_size, in_channels, embed_dim, depth, num_heads, mlp_ratio, num_register_tokens,
+            layerscale_init=1.0,
+        )
+        if pretrained:
+            issues = load_dinov2_weights(self.encoder, pretrained)
+            if issues:
+                logger.warning("loading %s: %d keys not mapped: %s", pretrained, len(issues), ", ".join(issues))
+        self.extractor = PrototypeExtractor(embed_dim, num_prototypes, num_heads, mlp_ratio)
+        self.bottleneck = Mlp(embed_dim, 4 * embed_dim)
+        _init_dnp(self.bottleneck)
+        self.decoder = nn.ModuleList(PrototypeAttentionBlock(embed_dim, num_heads, mlp_ratio) for _ in taps)
+        self.teacher: ViTEncoder = make_teacher(self.encoder)  # type: ignore[assignment]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Token grid (h, w)."""
+        return self.encoder.grid_size
+
+    def train(self, mode: bool = True) -> DNPConFormer:
+        """Set training mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        """One EMA step of the teacher toward the student with beta = self.ema_beta."""
+        ema_update(self.teacher, self.encoder, self.ema_beta)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split for the optimiser: student encoder vs. decoder side (never the teacher)."""
+        decoder = [*self.extractor.parameters(), *self.bottleneck.parameters(), *self.decoder.parameters()]
+        return {"encoder": list(self.encoder.parameters()), "decoder": decoder}
+
+    def config(self) -> dict:
+        """Constructor kwargs to rebuild the model (`pretrained` is None: the state dict holds the weights)."""
+        cfg = dict(self._config, pretrained=None)
+        cfg["taps"] = list(cfg["taps"])
+        cfg["groups"] = [list(g) for g in cfg["groups"]]
+        return cfg
+
+    def forward(self, x: Tensor) -> DNPOutput:
+        """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets."""
+        hh, ww = x.shape[-2:]
+        p = self.encoder.patch_size
+        if hh % p or ww % p:
+            raise ValueError(f"input size {(hh, ww)} is not a multiple of patch_size {p}")
+        grid = (hh // p, ww // p)
+        feats = self.encoder(x, self.taps)
+        f = torch.stack(feats).mean(0)
+        prototypes = self.extractor(f)
+        z = self.bottleneck(f)
+        outs = []
+        for blk in self.decoder:
+            z = blk(z, prototypes)
+            outs.append(z)
+        outs = outs[::-1]
+        with torch.no_grad():
+            tfeats = self.teacher(x, self.taps)
+            assignments = (F.normalize(f, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)).argmax(-1)
+
+        def grouped(ts: list[Tensor], g: list[int]) -> Tensor:
+            m = torch.stack([ts[i] for i in g]).mean(0)
+            return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid)
+
+        targets = [grouped(tfeats, g).detach() for g in self.groups]
+        recons = [grouped(outs, g) for g in self.groups]
+        return DNPOutput(targets=targets, recons=recons, prototypes=prototypes, tokens=f, assignments=assignments)

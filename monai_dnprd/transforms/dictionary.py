@@ -1,0 +1,259 @@
+"""Dictionary twins (MONAI ``MapTransform``) of the array transforms, plus the training slice sampler."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Padd, Randomizable
+from monai.transforms.traits import MultiSampleTrait
+from monai.utils import MAX_SEED
+
+from .array import (
+    ForegroundMask,
+    NormalizeForeground,
+    ResizeSlices,
+    SliceStack25D,
+    SquarePad,
+    SyntheticLesion,
+    _to_torch,
+    gather_slice_stacks,
+    slice_foreground_fraction,
+)
+
+__all__ = [
+    "ForegroundMaskd",
+    "NormalizeForegroundd",
+    "SquarePadd",
+    "SliceStack25Dd",
+    "ResizeSlicesd",
+    "RandSlice25Dd",
+    "SyntheticLesiond",
+]
+
+
+class ForegroundMaskd(MapTransform):
+    """Compute the foreground mask of ``keys[0]`` and store it under ``mask_key`` (same meta)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str = "mask",
+        method: str = "otsu",
+        threshold: float | None = None,
+        closing_iterations: int = 1,
+        fill_holes: bool = True,
+        largest_component: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.masker = ForegroundMask(method, threshold, closing_iterations, fill_holes, largest_component)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.mask_key] = self.masker(d[key])
+            break
+        return d
+
+
+class NormalizeForegroundd(MapTransform):
+    """Normalise each of ``keys`` inside the mask under ``mask_key`` (whole volume if absent / None)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str | None = "mask",
+        modality: str = "mri",
+        lower: float = 0.5,
+        upper: float = 99.5,
+        window: tuple[float, float] = (40.0, 400.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.normalizer = NormalizeForeground(modality, lower, upper, window)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = d.get(self.mask_key) if self.mask_key is not None else None
+        for key in self.key_iterator(d):
+            d[key] = self.normalizer(d[key], mask)
+        return d
+
+
+class SquarePadd(Padd):
+    """Dictionary ``SquarePad``: pads every key (image and mask together); ``Invertd`` undoes it."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        axis: int = -1,
+        mode: str | Sequence[str] = "constant",
+        allow_missing_keys: bool = False,
+        lazy: bool = False,
+    ) -> None:
+        padder = SquarePad(axis=axis, lazy=lazy)
+        super().__init__(keys, padder=padder, mode=mode, allow_missing_keys=allow_missing_keys, lazy=lazy)
+
+
+class SliceStack25Dd(MapTransform):
+    """Replace each of ``keys`` (C, X, Y, Z) by its 2.5D stacks (Z, C*(2k+1), H, W)."""
+
+    def __init__(self, keys: KeysCollection = "image", k: int = 1, axis: int = -1, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.stacker = SliceStack25D(k=k, axis=axis)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.stacker(d[key])
+        return d
+
+
+class ResizeSlicesd(MapTransform):
+    """Dictionary ``ResizeSlices``: resize 2D slices of each key to (size, size)."""
+
+    def __init__(self, keys: KeysCollection = "image", size: int = 224, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.resizer = ResizeSlices(size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resizer(d[key])
+        return d
+
+
+class RandSlice25Dd(Randomizable, MapTransform, MultiSampleTrait):
+    """Training sampler: draw ``num_samples`` 2.5D slices from a volume dict; returns a list of dicts.
+
+    Slice indices are drawn uniformly (with replacement) among slices whose mask covers at least
+    ``min_foreground`` of the slice area (if none does, among the ``num_samples`` slices with the most
+    foreground). Each sample holds, for every key, the stack (C*(2k+1), H, W) float32; the mask slice
+    (1, H, W) under ``mask_key``; the label slice under ``label_key`` when given; ``slice_index``; and a
+    copy of every non-tensor field of the input (e.g. ``name``). Volume-sized tensors of other keys are
+    dropped. Works with ``monai.data.PatchDataset`` or as the list-returning step of a ``Compose``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str | None = "mask",
+        label_key: str | None = None,
+        k: int = 1,
+        axis: int = -1,
+        num_samples: int = 4,
+        min_foreground: float = 0.15,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if num_samples < 1:
+            raise ValueError("num_samples must be >= 1")
+        self.mask_key = mask_key
+        self.label_key = label_key
+        self.k = int(k)
+        self.axis = axis
+        self.num_samples = int(num_samples)
+        self.min_foreground = float(min_foreground)
+        self._indices = np.zeros(0, dtype=np.int64)
+
+    def eligible_slices(self, fraction: np.ndarray) -> np.ndarray:
+        """Slice indices to sample from, given per-slice foreground fractions."""
+        ok = np.flatnonzero(fraction >= self.min_foreground)
+        if ok.size == 0:
+            order = np.argsort(-fraction, kind="stable")
+            ok = np.sort(order[: min(self.num_samples, fraction.size)])
+        return ok
+
+    def randomize(self, data: np.ndarray) -> None:
+        """Draw ``num_samples`` slice indices from the eligible indices ``data``."""
+        self._indices = self.R.choice(data, size=self.num_samples, replace=True).astype(np.int64)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:  # type: ignore[override]
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            raise KeyError(f"none of the keys {self.keys} found")
+        first = _to_torch(d[keys[0]])
+        if self.mask_key is not None and self.mask_key in d:
+            mask = _to_torch(d[self.mask_key])
+            fraction = slice_foreground_fraction(mask, self.axis)
+        else:
+            mask = None
+            fraction = slice_foreground_fraction((first != 0).any(0, keepdim=True), self.axis)
+        self.randomize(self.eligible_slices(fraction))
+        idx = torch.as_tensor(self._indices)
+
+        out: list[dict[Hashable, Any]] = [{} for _ in range(self.num_samples)]
+        for key in keys:
+            stacks = gather_slice_stacks(_to_torch(d[key]).to(torch.float32), idx, self.k, self.axis)
+            for i in range(self.num_samples):
+                out[i][key] = stacks[i]
+        extra = [(self.mask_key, mask)] if mask is not None else []
+        if self.label_key is not None and self.label_key in d:
+            extra.append((self.label_key, _to_torch(d[self.label_key])))
+        for key, vol in extra:
+            sl = gather_slice_stacks(vol, idx, 0, self.axis)  # (N, C, H, W)
+            for i in range(self.num_samples):
+                out[i][key] = sl[i]
+        skip = set(keys) | {self.mask_key, self.label_key}
+        for k_, v in d.items():
+            if k_ in skip or isinstance(v, (torch.Tensor, np.ndarray)):
+                continue
+            for i in range(self.num_samples):
+                out[i][k_] = deepcopy(v)
+        for i in range(self.num_samples):
+            out[i]["slice_index"] = int(self._indices[i])
+        return out
+
+
+class SyntheticLesiond(Randomizable, MapTransform):
+    """Dictionary ``SyntheticLesion``: paints lesions into ``keys`` inside the mask under ``mask_key``
+    (``image > 0`` if absent) and writes the lesion mask (1, X, Y, Z) uint8 under ``label_key`` with the
+    image's meta. Several keys get the same lesions (same sub-seed); the label comes from the first key.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str | None = "mask",
+        label_key: str = "label",
+        kinds: Sequence[str] = ("hyper", "hypo", "texture", "deform"),
+        num_lesions: int | tuple[int, int] = (1, 3),
+        radius_mm: float | tuple[float, float] = (3.0, 25.0),
+        strength: float | tuple[float, float] = (0.25, 0.6),
+        tolerance: float = 0.02,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.label_key = label_key
+        self.lesioner = SyntheticLesion(kinds, num_lesions, radius_mm, strength, tolerance)
+        self._sub_seed = 0
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> SyntheticLesiond:
+        super().set_random_state(seed, state)
+        self.lesioner.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        self._sub_seed = int(self.R.randint(MAX_SEED, dtype="uint32"))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = d.get(self.mask_key) if self.mask_key is not None else None
+        self.randomize()
+        label = None
+        for key in self.key_iterator(d):
+            self.lesioner.set_random_state(self._sub_seed)
+            d[key], les = self.lesioner(d[key], mask)
+            if label is None:
+                label = les
+        if label is not None:
+            d[self.label_key] = label
+        return d

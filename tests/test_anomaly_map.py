@@ -1,0 +1,143 @@
+"""Tests for slice anomaly maps, Gaussian smoothing, top-q% scores and the collapse monitors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from monai_dnprd.anomaly_map import (
+    feature_spread,
+    gaussian_blur1d,
+    gaussian_blur2d,
+    prototype_usage,
+    slice_anomaly_map,
+    top_percent_score,
+)
+
+
+def test_slice_map_shape_and_zero_for_identical():
+    t = [torch.randn(3, 16, 8, 8), torch.randn(3, 16, 8, 8)]
+    m = slice_anomaly_map(t, [x.clone() for x in t], (64, 48), sigma=4.0)
+    assert m.shape == (3, 1, 64, 48)
+    assert m.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("sigma", [0.0, 2.0, 4.0])
+def test_slice_map_localizes_difference(sigma):
+    torch.manual_seed(0)
+    t = [torch.randn(2, 16, 8, 8) for _ in range(2)]
+    r = [x.clone() for x in t]
+    r[0][1, :, 5, 2] = -r[0][1, :, 5, 2]  # token (5, 2) of image 1, group 0 only
+    m = slice_anomaly_map(t, r, (64, 64), sigma=sigma)
+    assert m[0].abs().max().item() < 1e-5
+    y, x = divmod(int(m[1, 0].argmax()), 64)
+    assert 40 <= y < 48 and 16 <= x < 24  # inside that token's 8x8 patch
+    if sigma == 0:
+        # d = 2 in one of 2 groups -> 1 at the token centre (between pixels 43/44 and 19/20 for patch 8):
+        # half-pixel-aligned bilinear gives (1 - 1/16)^2 at the four central pixels of the patch
+        assert math.isclose(m[1].max().item(), (15 / 16) ** 2, rel_tol=1e-4)
+        assert torch.allclose(m[1, 0, 43:45, 19:21], torch.tensor((15 / 16) ** 2))
+
+
+def test_blur_identity_constant_and_mass():
+    x = torch.rand(2, 1, 20, 30)
+    assert torch.equal(gaussian_blur2d(x, 0.0), x)
+    c = torch.full((2, 1, 20, 30), 0.7)
+    torch.testing.assert_close(gaussian_blur2d(c, 4.0), c)
+    imp = torch.zeros(1, 1, 41, 41)
+    imp[0, 0, 20, 20] = 1.0
+    out = gaussian_blur2d(imp, 2.0)
+    torch.testing.assert_close(out.sum(), torch.tensor(1.0))
+    assert int(out.argmax()) == 20 * 41 + 20
+    torch.testing.assert_close(out[0, 0], out[0, 0].T)  # isotropic
+
+
+def test_blur_matches_scipy_mirror_and_is_batched():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 1, 25, 19)).astype(np.float32)
+    out = gaussian_blur2d(torch.from_numpy(a), 1.5).numpy()
+    for i in range(3):
+        ref = ndimage.gaussian_filter(a[i, 0].astype(np.float64), 1.5, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(out[i, 0], ref, atol=1e-5)
+    # a large sigma on a small map still works (radius clipped for reflect padding)
+    assert gaussian_blur2d(torch.rand(1, 1, 5, 5), 4.0).shape == (1, 1, 5, 5)
+
+
+def test_blur1d_along_z():
+    rng = np.random.default_rng(1)
+    v = rng.random((1, 6, 7, 12)).astype(np.float32)
+    out = gaussian_blur1d(torch.from_numpy(v), 1.0, dim=-1).numpy()
+    ref = ndimage.gaussian_filter1d(v.astype(np.float64), 1.0, axis=-1, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    c = torch.full((4, 5, 9), 3.0)
+    torch.testing.assert_close(gaussian_blur1d(c, 2.0, dim=1), c)
+    assert torch.equal(gaussian_blur1d(c, 0.0, dim=1), c)
+
+
+def _np_top(v: np.ndarray, q: float) -> float:
+    if v.size == 0:
+        return 0.0
+    k = max(1, math.ceil(q * v.size - 1e-6))
+    return float(np.sort(v)[::-1][:k].mean())
+
+
+@pytest.mark.parametrize("q", [0.01, 0.05, 0.3, 1.0])
+def test_top_percent_score_against_numpy(q):
+    rng = np.random.default_rng(2)
+    v = rng.random((10, 11, 12)).astype(np.float32)
+    mask = rng.random(v.shape) > 0.6
+    assert math.isclose(top_percent_score(torch.from_numpy(v), q=q).item(), _np_top(v.ravel(), q), rel_tol=1e-5)
+    got = top_percent_score(torch.from_numpy(v), torch.from_numpy(mask), q=q).item()
+    assert math.isclose(got, _np_top(v[mask], q), rel_tol=1e-5)
+
+
+def test_top_percent_score_edge_cases():
+    v = torch.tensor([1.0, 5.0, 3.0])
+    assert top_percent_score(v, q=0.01).item() == 5.0  # at least one value
+    assert top_percent_score(v, q=1.0).item() == 3.0
+    assert top_percent_score(v, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+    assert top_percent_score(v, torch.tensor([True, False, True]), q=0.5).item() == 3.0
+    with pytest.raises(ValueError):
+        top_percent_score(v, q=0.0)
+
+
+def test_top_percent_score_batched_equals_per_item():
+    rng = np.random.default_rng(3)
+    v = torch.from_numpy(rng.random((4, 6, 7, 8)).astype(np.float32))
+    mask = torch.from_numpy(rng.random((4, 6, 7, 8)) > 0.5)
+    mask[2] = False  # an empty mask scores 0
+    batched = top_percent_score(v, mask, q=0.05, dim=(1, 2, 3))
+    assert batched.shape == (4,)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], top_percent_score(v[i], mask[i], q=0.05))
+    assert batched[2].item() == 0.0
+    nomask = top_percent_score(v, q=0.05, dim=(1, 2, 3))
+    for i in range(4):
+        torch.testing.assert_close(nomask[i], top_percent_score(v[i], q=0.05))
+    # maps shaped (B, 1, H, W) and a broadcast foreground mask
+    maps = torch.rand(3, 1, 10, 10)
+    fg = torch.zeros(1, 1, 10, 10, dtype=torch.bool)
+    fg[..., 2:8, 2:8] = True
+    per = top_percent_score(maps, fg, q=0.1, dim=(1, 2, 3))
+    for i in range(3):
+        torch.testing.assert_close(per[i], top_percent_score(maps[i, 0, 2:8, 2:8], q=0.1))
+
+
+def test_prototype_usage():
+    a = torch.tensor([[0, 0, 2], [2, 2, 5]])
+    assert prototype_usage(a, 6).tolist() == [2, 0, 3, 0, 0, 1]
+    assert prototype_usage(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]
+
+
+def test_feature_spread():
+    assert feature_spread(torch.ones(2, 8, 4, 4) * 3.0).item() == 0.0
+    x = torch.randn(4, 16, 6, 6)
+    tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+    torch.testing.assert_close(feature_spread(x), feature_spread(tokens))
+    ref = tokens.reshape(-1, 16).std(0).mean()
+    torch.testing.assert_close(feature_spread(tokens), ref)
+    assert feature_spread(tokens).item() > 0.5
