@@ -13,3 +13,4 @@ from .handlers import (
 )
 from .schedule import build_optimizer, cosine_lr, stage_lambdas
 from .trainer import DNPTrainer, autocast_context
+from .writer import SCORE_FIELDS, InferenceWriter
