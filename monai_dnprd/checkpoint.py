@@ -53,10 +53,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err)
+        marker = "Unsupported global:"
+        if marker not in text:
+            raise CheckpointError(f"{path}: cannot read checkpoint (not a valid torch file)") from None
+        what = text.split(marker, 1)[1].strip().split(" was not")[0].replace("GLOBAL ", "")
         raise CheckpointError(
-            f"{path}: refused, the file holds pickled Python objects that weights_only loading does not allow "
-            f"({first[:160]}); only load checkpoints from sources you trust, re-saved as plain state dicts"
+            f"{path}: refused, the file holds a pickled Python object ({what}) and loading it could run code; "
+            "only tensors, numbers, strings and containers are accepted (re-save a plain state dict)"
         ) from None
     except Exception as err:  # noqa: BLE001 - truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {str(err)[:160]})") from None

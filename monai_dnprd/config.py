@@ -110,8 +110,10 @@ def training_lists(dataset_dir: str | None, val_dir: str | None = None, val_frac
 
     if dataset_dir in (None, "", "None", "null"):
         from monai_dnprd.demo import prepare_demo_data
+        from monai_dnprd.distributed import rank_zero_first
 
-        dirs = prepare_demo_data()
+        with rank_zero_first():  # under torchrun the data is made once, by rank 0
+            dirs = prepare_demo_data()
         dataset_dir, val_dir = str(dirs["train"]), str(dirs["val"])
         logger.info("no --dataset_dir given: training on the embedded demo data in %s", dirs["root"])
     if val_dir not in (None, "", "None", "null"):

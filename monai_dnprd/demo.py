@@ -33,7 +33,7 @@ __all__ = ["demo_root", "prepare_demo_data", "demo_dirs", "SOURCE_DIR"]
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "demo_data"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 _TRAIN_SUBJECTS = ("IXI012-HH-1211_T1.nii.gz", "chris_t1_2mm.nii.gz")
 _VAL_SUBJECT = "mni152_2009a_t1_2mm.nii.gz"
 _TEST_SUBJECT = "IXI015-HH-1258_T1.nii.gz"
@@ -41,6 +41,7 @@ _VARIANTS_PER_TRAIN_SUBJECT = 6
 _VAL_VARIANTS = 2
 _TEST_LESION_KINDS = ("hyper", "hypo", "texture", "deform")
 _TEST_NORMALS = 2
+LESION_MIN_DEPTH_MM = 18.0  # the head mask includes scalp and skull: keep lesion centres inside the brain
 
 
 def demo_root() -> Path:
@@ -87,7 +88,7 @@ def _insert_lesions(array: np.ndarray, affine: np.ndarray, kind: str, seed: int)
     scale = max(float(hi - lo), 1e-6)
     norm = ((torch.as_tensor(img) - lo) / scale).clamp(0, 1) * mask
     norm = MetaTensor(norm, affine=torch.as_tensor(affine))
-    gen = SyntheticLesion(kinds=(kind,), num_lesions=(1, 2), radius_mm=(6.0, 18.0))
+    gen = SyntheticLesion(kinds=(kind,), num_lesions=(1, 2), radius_mm=(6.0, 18.0), min_depth_mm=LESION_MIN_DEPTH_MM)
     gen.set_random_state(seed)
     new, lesion = gen(norm, mask.to(torch.uint8))
     change = (torch.as_tensor(new) - torch.as_tensor(norm))[0].numpy() * scale

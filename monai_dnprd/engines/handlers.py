@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from ignite.engine import Engine, Events
 
 from monai_dnprd.calibration import Calibration
 from monai_dnprd.checkpoint import export_model, load_checkpoint, save_atomic
+from monai_dnprd.distributed import rank
 from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
 
 __all__ = [
@@ -43,15 +45,22 @@ def _scalars(d: Any) -> dict[str, float]:
 
 
 class ProgressBar:
-    """A tqdm progress bar over iterations showing the given output keys (e.g. the loss)."""
+    """A tqdm progress bar over iterations showing the given output keys (e.g. the loss).
 
-    def __init__(self, output_keys: Sequence[str] = (), desc: str | None = None) -> None:
+    Shown on interactive terminals only: in log files a redrawn bar is noise, and the periodic log lines of
+    ``TrainingLogger`` and the workflows already report progress there. ``force=True`` shows it anyway.
+    """
+
+    def __init__(self, output_keys: Sequence[str] = (), desc: str | None = None, force: bool = False) -> None:
         self.output_keys = tuple(output_keys)
         self.desc = desc
+        self.force = force
 
     def attach(self, engine: Engine) -> None:
         from ignite.handlers import ProgressBar as _Bar
 
+        if rank() != 0 or not (self.force or sys.stderr.isatty()):
+            return
         keys = self.output_keys
         bar = _Bar(persist=True, desc=self.desc, bar_format="{desc}[{n_fmt}/{total_fmt}] {percentage:3.0f}%|{bar}|{postfix} [{elapsed}<{remaining}]")
 
@@ -75,6 +84,8 @@ class TrainingLogger:
         self.history: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
+        if rank() != 0:
+            return
         if self.log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -154,7 +165,7 @@ class CheckpointHandler:
         return state
 
     def _save(self, engine: Engine) -> None:
-        if getattr(engine.state, "rank", 0) != 0:
+        if rank() != 0:
             return
         save_atomic(self._state(engine), self.path)
 
@@ -220,7 +231,7 @@ class ExportHandler:
         engine.add_event_handler(Events.COMPLETED, self._export)
 
     def _export(self, engine: Engine) -> None:
-        if getattr(engine.state, "rank", 0) != 0:
+        if rank() != 0:
             return
         if self.best_path is not None and self.best_path.is_file():
             best = load_checkpoint(self.best_path)
@@ -253,7 +264,7 @@ class CalibrationHandler:
         engine.add_event_handler(Events.COMPLETED, self._calibrate)
 
     def _calibrate(self, engine: Engine) -> None:
-        if getattr(engine.state, "rank", 0) != 0:
+        if rank() != 0:
             return
         from monai_dnprd.anomaly_map import top_percent_score
 
@@ -286,6 +297,8 @@ class PeriodicValidation:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_run)
 
     def _maybe_run(self, engine: Engine) -> None:
+        if rank() != 0:  # validation has no collective calls: the other ranks go on training meanwhile
+            return
         it = engine.state.iteration
         last = engine.state.epoch_length * engine.state.max_epochs
         if it <= self.start:

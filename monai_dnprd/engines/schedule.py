@@ -70,7 +70,8 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over named groups ("encoder", "decoder", "mim_head") and the per-group LambdaLR schedule."""
-    groups = network.param_groups()
+    net = network.module if hasattr(network, "module") else network
+    groups = net.param_groups()
     param_groups = [
         {"params": groups["encoder"], "lr": 1.0, "name": "encoder"},
         {"params": groups["decoder"], "lr": 1.0, "name": "decoder"},

@@ -17,6 +17,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_dnprd.anomaly_map import feature_spread, prototype_usage
+from monai_dnprd.distributed import average_gradients, is_distributed
 from monai_dnprd.networks.ema import ema_update
 from monai_dnprd.networks.mim import mim_loss
 
@@ -115,6 +116,9 @@ class DNPTrainer(SupervisedTrainer):
         else:
             loss.backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if is_distributed():
+            params = [p for g in engine.optimizer.param_groups for p in g["params"]]
+            average_gradients(params)
         if not warmup and engine.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(net.param_groups()["decoder"], engine.grad_clip)
         if engine.grad_scaler is not None:

@@ -12,6 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_dnprd.calibration import Calibration
+from monai_dnprd.distributed import barrier, rank, world_size
 from monai_dnprd.engines.evaluator import axial_axis
 from monai_dnprd.io.writers import write_csv, write_nifti, write_text
 
@@ -21,6 +22,7 @@ logger = logging.getLogger("monai_dnprd")
 
 SCORE_FIELDS = ("name", "score", "normalised_score", "volume_threshold", "anomalous", "voxel_threshold", "fpr",
                 "top_slice", "slice_axis", "seconds", "input")
+FAILURE_FIELDS = ("name", "input", "reason")
 
 
 class InferenceWriter:
@@ -62,7 +64,7 @@ class InferenceWriter:
     def _write(self, engine: Engine) -> None:
         d = engine.state.output
         if d.get("error"):
-            self.failures.append({"name": d.get("name"), "input": d.get("image"), "reason": d["error"]})
+            self.failures.append({"name": d.get("name"), "input": str(d.get("image")), "reason": d["error"]})
             print(f"FAILED {d.get('image')}: {d['error']}", file=sys.stderr, flush=True)
             return
         pred = d["pred"]
@@ -102,21 +104,43 @@ class InferenceWriter:
             value = self.calibration.normalised_score(d["score"]) if self.calibration is not None else d["score"]
             write_text(f"{value:.6f}", self.output_dir / f"{source}.txt")
         self.rows.append(row)
+        logger.info("[%d/%s] %s: score %s%s (%s s)", engine.state.iteration, engine.state.epoch_length, name, row["score"],
+                    f", anomalous: {row['anomalous']}" if "anomalous" in row else "", row["seconds"])
         self._previous.pop(name, None)
         self._save_scores()
 
+    def _part(self, stem: str) -> Path:
+        """``scores.csv`` in a single process; ``scores.rank<r>.csv`` per rank under torchrun (merged at the end)."""
+        return self.output_dir / (f"{stem}.csv" if world_size() == 1 else f"{stem}.rank{rank()}.csv")
+
     def _save_scores(self) -> None:
-        rows = list(self._previous.values()) + self.rows
+        rows = (list(self._previous.values()) if rank() == 0 else []) + self.rows
         rows.sort(key=lambda r: float(r.get("score") or 0.0), reverse=True)
-        write_csv([{k: r.get(k, "") for k in SCORE_FIELDS} for r in rows], self.output_dir / "scores.csv", SCORE_FIELDS)
+        write_csv([{k: r.get(k, "") for k in SCORE_FIELDS} for r in rows], self._part("scores"), SCORE_FIELDS)
 
     def _finish(self, engine: Engine) -> None:
         self._save_scores()
-        if self.failures:
-            write_csv(self.failures, self.output_dir / "failures.csv", ("name", "input", "reason"))
-        else:
+        write_csv(self.failures, self._part("failures"), FAILURE_FIELDS)
+        if world_size() > 1:
+            barrier()
+            if rank() == 0:
+                self._merge()
+            barrier()
+        failures = list(csv.DictReader(open(self.output_dir / "failures.csv", newline="", encoding="utf-8")))
+        if not failures:
             (self.output_dir / "failures.csv").unlink(missing_ok=True)
         logger.info("%d volume(s) written to %s, %d failed", len(self.rows), self.output_dir, len(self.failures))
+
+    def _merge(self) -> None:
+        """Rank 0 joins every rank's scores and failures into ``scores.csv`` / ``failures.csv``."""
+        for stem, fields, key in (("scores", SCORE_FIELDS, "score"), ("failures", FAILURE_FIELDS, None)):
+            parts = sorted(self.output_dir.glob(f"{stem}.rank*.csv"))
+            rows = [r for p in parts for r in csv.DictReader(open(p, newline="", encoding="utf-8"))]
+            if key:
+                rows.sort(key=lambda r: float(r.get(key) or 0.0), reverse=True)
+            write_csv(rows, self.output_dir / f"{stem}.csv", fields)
+            for p in parts:
+                p.unlink()
 
     def check(self) -> bool:
         """Exit with status 1 when any input failed (after every good volume was processed)."""

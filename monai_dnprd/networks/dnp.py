@@ -127,6 +127,7 @@ class DNPConFormer(nn.Module):
         ema_beta: float = 0.999,
         pretrained: str | None = None,
         mlp_ratio: float = 4.0,
+        bottleneck_dropout: float = 0.2,
     ) -> None:
         super().__init__()
         if vit not in VIT_PRESETS:
@@ -147,7 +148,7 @@ class DNPConFormer(nn.Module):
             img_size=img_size, patch_size=patch_size, in_channels=in_channels, vit=vit, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, num_register_tokens=num_register_tokens, num_prototypes=num_prototypes,
             taps=list(taps), groups=[list(g) for g in groups], ema_beta=ema_beta, pretrained=pretrained,
-            mlp_ratio=mlp_ratio,
+            mlp_ratio=mlp_ratio, bottleneck_dropout=bottleneck_dropout,
         )
         self.pretrained = pretrained
         self.taps = taps
@@ -165,7 +166,9 @@ class DNPConFormer(nn.Module):
             if issues:
                 logger.warning("loading %s: %d keys not mapped: %s", pretrained, len(issues), ", ".join(issues))
         self.extractor = PrototypeExtractor(embed_dim, num_prototypes, num_heads, mlp_ratio)
-        self.bottleneck = Mlp(embed_dim, 4 * embed_dim)
+        # noisy bottleneck (dropout, as in the parent methods Dinomaly / INP-Former): the decoder cannot learn an
+        # identity shortcut that would also rebuild anomalous features
+        self.bottleneck = Mlp(embed_dim, 4 * embed_dim, drop=bottleneck_dropout)
         _init_dnp(self.bottleneck)
         self.decoder = nn.ModuleList(PrototypeAttentionBlock(embed_dim, num_heads, mlp_ratio) for _ in taps)
         self.teacher: ViTEncoder = make_teacher(self.encoder)  # type: ignore[assignment]

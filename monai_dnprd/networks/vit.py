@@ -68,16 +68,17 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU MLP (names fc1/fc2 as in DINOv2)."""
+    """Two-layer GELU MLP (names fc1/fc2 as in DINOv2), with optional dropout after each layer."""
 
-    def __init__(self, dim: int, hidden: int, out_dim: int | None = None) -> None:
+    def __init__(self, dim: int, hidden: int, out_dim: int | None = None, drop: float = 0.0) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_dim or dim)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class LayerScale(nn.Module):

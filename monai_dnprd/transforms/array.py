@@ -420,7 +420,8 @@ class SyntheticLesion(Randomizable, Transform):
     partly homogenised), ``texture`` (mottled local texture: smoothed noise plus blur / sharpen) and
     ``deform`` (mass effect: a radial displacement field inside an ellipsoid, resampled with
     ``map_coordinates``). Radii are in mm (voxel spacing from the affine, 1 mm for plain tensors), centres
-    lie inside the eroded foreground and every change stays inside the foreground. The returned mask is,
+    lie inside the eroded foreground (at least ``min_depth_mm`` deep: with a head mask, 15 mm keeps them
+    inside the skull) and every change stays inside the foreground. The returned mask is,
     by construction, exactly the changed voxels: ``lesion == (|new - img|.max(channels) > tolerance)``.
     Work happens in each lesion's bounding box only.
     """
@@ -435,6 +436,7 @@ class SyntheticLesion(Randomizable, Transform):
         strength: float | tuple[float, float] = (0.25, 0.6),
         tolerance: float = 0.02,
         max_attempts: int = 8,
+        min_depth_mm: float = 0.0,
     ) -> None:
         kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
         bad = [k for k in kinds if k not in self.KINDS]
@@ -448,6 +450,7 @@ class SyntheticLesion(Randomizable, Transform):
             raise ValueError("num_lesions must be >= 0 and radius_mm > 0")
         self.tolerance = float(tolerance)
         self.max_attempts = max(1, int(max_attempts))
+        self.min_depth_mm = float(min_depth_mm)
         self._params: list[dict[str, Any]] = []
 
     @staticmethod
@@ -496,7 +499,9 @@ class SyntheticLesion(Randomizable, Transform):
     def _add_lesion(self, cur: np.ndarray, fg: np.ndarray, dist: np.ndarray, spacing: np.ndarray, p: dict) -> None:
         rng = self.R
         rad, s, kind = p["radius"], p["strength"], p["kind"]
-        need = min(0.5 * rad, 0.8 * float(dist.max()))
+        # centres at least half a radius inside, and at least min_depth_mm deep (e.g. inside the skull of a
+        # head mask), as far as the foreground allows
+        need = max(min(0.5 * rad, 0.8 * float(dist.max())), min(self.min_depth_mm, 0.9 * float(dist.max())))
         cand = np.flatnonzero(dist >= need)
         if cand.size == 0:
             cand = np.flatnonzero(dist >= dist.max())

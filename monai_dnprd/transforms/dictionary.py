@@ -228,12 +228,13 @@ class SyntheticLesiond(Randomizable, MapTransform):
         radius_mm: float | tuple[float, float] = (3.0, 25.0),
         strength: float | tuple[float, float] = (0.25, 0.6),
         tolerance: float = 0.02,
+        min_depth_mm: float = 0.0,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.mask_key = mask_key
         self.label_key = label_key
-        self.lesioner = SyntheticLesion(kinds, num_lesions, radius_mm, strength, tolerance)
+        self.lesioner = SyntheticLesion(kinds, num_lesions, radius_mm, strength, tolerance, min_depth_mm=min_depth_mm)
         self._sub_seed = 0
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> SyntheticLesiond:

@@ -140,7 +140,7 @@ def training_curves(log_path_or_dir: str | Path, title: str | None = None) -> Fi
         _no_data(ax)
     ax.set_title("learning rates")
     # validation metrics (two panels: voxel-level, then slice/volume-level)
-    val_keys = [k for k in log if k.startswith("val_")]
+    val_keys = [k for k in log if k.startswith("val_") and not k.endswith("_threshold")]
     groups = ([k for k in val_keys if "voxel" in k], [k for k in val_keys if "voxel" not in k])
     for ax, keys, name in zip(axes[4:], groups, ("validation: voxel metrics", "validation: slice/volume metrics")):
         drawn = 0

@@ -182,10 +182,20 @@ class ReportWriter:
     The engine's output per iteration is a dict with "name", "pred" (MetaTensor (1, X, Y, Z) in the input's
     space), "score", optionally "label" (a file path) and "error". The image is re-read from "image_path", or
     "image" when it is a path, or the map's ``filename_or_obj`` meta. Only the first `max_volumes` volumes get a
-    picture (all when None). Any drawing failure is a warning; the run goes on.
+    picture (all when None). With `calibration_path` (``models/calibration.json`` of the training run), only voxels
+    above the voxel threshold at false-positive rate `fpr` are coloured. Any drawing failure is a warning.
     """
 
-    def __init__(self, output_dir: str | Path, k: int = 6, max_volumes: int | None = None, dpi: int = 72) -> None:
+    def __init__(self, output_dir: str | Path, k: int = 6, max_volumes: int | None = None, dpi: int = 72,
+                 calibration_path: str | Path | None = None, fpr: float = 0.01) -> None:
+        self.threshold: float | None = None
+        if calibration_path and Path(calibration_path).is_file():
+            try:
+                from monai_dnprd.calibration import Calibration
+
+                self.threshold = float(Calibration.load(calibration_path).voxel_threshold(fpr))
+            except Exception as err:  # noqa: BLE001
+                logger.warning("report: calibration %s not used (%s)", calibration_path, err)
         self.output_dir = Path(output_dir)
         self.report_dir = self.output_dir / REPORT_DIR
         self.k = int(k)
@@ -255,7 +265,8 @@ class ReportWriter:
             if label is None:
                 logger.warning("report: label of %s has shape %s, not %s; drawn without it", name, lab.shape, arr.shape)
         out = self.report_dir / f"{_safe_file_name(name)}.png"
-        return write_volume_report(out, vol.array, affine, arr, _float(d.get("score")), name, label, self.k, dpi=self.dpi)
+        return write_volume_report(out, vol.array, affine, arr, _float(d.get("score")), name, label, self.k,
+                                   threshold=self.threshold, dpi=self.dpi)
 
     def _on_completed(self, engine: Any) -> None:
         try:

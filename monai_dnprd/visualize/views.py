@@ -206,6 +206,23 @@ def _overlay_cmap(cmap: str, alpha: float, ramp: float = 0.25) -> ListedColormap
     return ListedColormap(colors, name=f"{cmap}_ramp")
 
 
+def _map_norm(ras_map: np.ndarray | None, map_vmin: float | None, map_vmax: float | None,
+              threshold: float | None) -> Normalize:
+    """Map colour scale: from `map_vmin` (default: `threshold`, else the median of the map inside the
+    foreground, so ordinary tissue stays uncoloured) to `map_vmax` (default: the map's maximum)."""
+    top = _map_vmax(ras_map, map_vmax)
+    if map_vmin is None:
+        if threshold is not None:
+            map_vmin = float(threshold)
+        elif ras_map is not None and np.any(ras_map > 0):
+            map_vmin = float(np.median(ras_map[ras_map > 0]))
+        else:
+            map_vmin = 0.0
+    if not map_vmin < top:
+        map_vmin = 0.0 if top > 0 else top - 1.0
+    return Normalize(float(map_vmin), float(top))
+
+
 def _masked_map(s: np.ndarray, threshold: float | None) -> np.ma.MaskedArray:
     """Map slice hidden where it is 0 (outside the foreground) or below `threshold`."""
     hide = ~np.isfinite(s) | (s <= 0)
@@ -269,12 +286,14 @@ def orthogonal_views(
     threshold: float | None = None,
     cmap: str = _MAP_CMAP,
     fig: Figure | SubFigure | None = None,
+    map_vmin: float | None = None,
 ) -> Figure:
     """Axial, coronal and sagittal slices through `point` (a voxel index of the INPUT grid), else through the
     map's maximum, else the centre: grey image, map overlay (hidden where 0 or below `threshold`), label contour.
 
-    `window`: None (MRI auto window), a CT preset name from ``CT_WINDOWS`` or (vmin, vmax). `fig`: draw into
-    this Figure/SubFigure instead of a new one (returned either way).
+    `window`: None (MRI auto window), a CT preset name from ``CT_WINDOWS`` or (vmin, vmax). The map's colour
+    scale runs from `map_vmin` (default: `threshold`, else the map's foreground median) to `map_vmax` (default:
+    its maximum), opacity rising with the value. `fig`: draw into this Figure/SubFigure (returned either way).
     """
     ras_img, ras_map, ras_lab, spacing = _prepare(image, affine, anomaly_map, label)
     shape = ras_img.shape
@@ -287,7 +306,7 @@ def orthogonal_views(
     else:
         p = tuple(s // 2 for s in shape)
     vmin, vmax = _window_for(ras_img, ras_map, window)
-    norm = Normalize(0.0, _map_vmax(ras_map, map_vmax))
+    norm = _map_norm(ras_map, map_vmin, map_vmax, threshold)
     if fig is None:
         fig = Figure(figsize=(12.5, 4.6), layout="constrained")
     axes = fig.subplots(1, 3)
@@ -341,13 +360,14 @@ def montage(
     threshold: float | None = None,
     cmap: str = _MAP_CMAP,
     fig: Figure | SubFigure | None = None,
+    map_vmin: float | None = None,
 ) -> Figure:
     """The `k` most anomalous slices of a view with map overlays and label contours, most anomalous first."""
     ras_img, ras_map, ras_lab, spacing = _prepare(image, affine, anomaly_map, label)
     idx = top_slices(anomaly_map, affine, k, axis_name)
     scores = slice_scores(anomaly_map, affine, axis_name)
     vmin, vmax = _window_for(ras_img, ras_map, window)
-    norm = Normalize(0.0, _map_vmax(ras_map, map_vmax))
+    norm = _map_norm(ras_map, map_vmin, map_vmax, threshold)
     n = max(1, len(idx))
     ncols = min(n, 3)
     nrows = int(math.ceil(n / ncols))
