@@ -33,7 +33,7 @@ __all__ = ["demo_root", "prepare_demo_data", "demo_dirs", "SOURCE_DIR"]
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "demo_data"
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 _TRAIN_SUBJECTS = ("IXI012-HH-1211_T1.nii.gz", "chris_t1_2mm.nii.gz")
 _VAL_SUBJECT = "mni152_2009a_t1_2mm.nii.gz"
 _TEST_SUBJECT = "IXI015-HH-1258_T1.nii.gz"
@@ -88,6 +88,13 @@ def _insert_lesions(array: np.ndarray, affine: np.ndarray, kind: str, seed: int)
     scale = max(float(hi - lo), 1e-6)
     norm = ((torch.as_tensor(img) - lo) / scale).clamp(0, 1) * mask
     norm = MetaTensor(norm, affine=torch.as_tensor(affine))
+    # the demo heads come with skull, face and neck but no brain mask: lesions go deep inside the head and in its
+    # upper 85 mm (the cerebrum), where brain lesions occur
+    ijk = np.indices(array.shape).reshape(3, -1)
+    world_s = (affine[2, :3] @ ijk + affine[2, 3]).reshape(array.shape)
+    head = mask[0].numpy()
+    brain_region = head & (world_s > world_s[head].max() - 85.0)
+    mask = torch.from_numpy(brain_region)[None]
     gen = SyntheticLesion(kinds=(kind,), num_lesions=(1, 2), radius_mm=(6.0, 18.0), min_depth_mm=LESION_MIN_DEPTH_MM)
     gen.set_random_state(seed)
     new, lesion = gen(norm, mask.to(torch.uint8))

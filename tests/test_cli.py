@@ -56,19 +56,21 @@ def test_misspelled_option_is_refused():
 
 def test_torchrun_two_processes_train_and_infer(tiny_data, tmp_path):
     """Data-parallel training (gloo, 2 CPU processes) and sharded inference with one merged scores.csv."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m"]
+    def torchrun(port: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m"]
+
     run = tmp_path / "ddp"
     r = bundle_run("training", "--config_file",
                    "['bundle/configs/train.json','bundle/configs/multi_gpu_train.json']",
                    "--dataset_dir", str(tiny_data["train"]), "--val_dir", str(tiny_data["val"]), "--output_dir", str(run),
                    "--num_iterations", "4", "--warmup_iterations", "2", "--val_interval", "2", *SMALL,
-                   launcher=torchrun)
+                   launcher=torchrun(29517))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (run / "models" / "model.pt").is_file()
     r = bundle_run("inference", "--config_file",
                    "['bundle/configs/inference.json','bundle/configs/multi_gpu_inference.json']",
                    "--input_dir", str(tiny_data["test"]), "--output_dir", str(tmp_path / "maps"),
-                   "--ckpt_path", str(run / "models" / "model.pt"), "--num_workers", "0", launcher=torchrun)
+                   "--ckpt_path", str(run / "models" / "model.pt"), "--num_workers", "0", launcher=torchrun(29527))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "maps" / "scores.csv")))
     assert sorted(r["name"] for r in rows) == ["case_lesion", "case_normal"]
