@@ -87,15 +87,21 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=600)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--extra", default="{}", help="JSON of extra training overrides")
+    ap.add_argument("--only", type=int, choices=[0, 1], help="run one direction only (0: first case -> second)")
     args = ap.parse_args()
     from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
 
     data, out = Path(args.data), Path(args.out)
     cases = sorted(p for p in data.iterdir() if p.is_dir())
     results = {}
-    for train_case, test_case in ((cases[0], cases[1]), (cases[1], cases[0])):
+    directions = [(cases[0], cases[1]), (cases[1], cases[0])]
+    for i, (train_case, test_case) in enumerate(directions):
         tag = f"{train_case.name}->{test_case.name}"
         work = out / tag.replace(">", "")
+        if args.only is not None and i != args.only:
+            if (work / "result.json").is_file():
+                results[tag] = json.loads((work / "result.json").read_text())
+            continue
         shutil.rmtree(work, ignore_errors=True)
         flair = next(train_case.glob("*_fla_bet.nii.gz"))
         train_slabs = slabs(flair, train_case / "fusion_simple_seg.nii.gz", work / "normal")
@@ -124,6 +130,7 @@ def main() -> None:
             results[tag][name] = {"voxel_auroc": r["voxel"]["auroc"], "voxel_ap": r["voxel"]["ap"],
                                   "voxel_best_dice": r["voxel"]["best_dice"], "slice_auroc": r["slice"]["auroc"],
                                   "slice_ap": r["slice"]["ap"], "aupro": r["voxel"]["aupro"]}
+        (work / "result.json").write_text(json.dumps(results[tag], indent=1))
         print(tag, json.dumps(results[tag], indent=1))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = ["| direction | method | voxel AUROC | voxel AP | best Dice | AUPRO | slice AUROC | slice AP |", "|---|---|---|---|---|---|---|---|"]

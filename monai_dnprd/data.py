@@ -154,20 +154,56 @@ def synthetic_validation_dataset(
 
 
 
+def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:
+    """Delete the hidden temporary files (``.name.*.tmp*``) that a killed run left in ``output_dir``.
+
+    Every output is written to such a file and renamed into place, so any that exist at start-up were cut off
+    by an interruption. Under torchrun, rank 0 cleans while the other ranks wait.
+    """
+    from monai_dnprd.distributed import rank, rank_zero_first
+
+    removed: list[Path] = []
+    with rank_zero_first():
+        if rank() == 0 and Path(output_dir).is_dir():
+            for folder in (Path(output_dir), Path(output_dir) / "report"):
+                for p in folder.glob(".*.tmp*"):
+                    if p.is_file():
+                        p.unlink(missing_ok=True)
+                        removed.append(p)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), output_dir)
+    return removed
+
+
+def finished_names(output_dir: str | Path) -> set[str]:
+    """Volumes an earlier run finished: a map ``<name>.nii.gz`` AND a row in ``scores.csv`` (written last)."""
+    import csv
+
+    out = Path(output_dir)
+    scores = out / "scores.csv"
+    if not scores.is_file():
+        return set()
+    with open(scores, newline="", encoding="utf-8") as f:
+        rows = {r["name"] for r in csv.DictReader(f) if r.get("name")}
+    return {n for n in rows if (out / f"{n}.nii.gz").is_file()}
+
+
 def inference_datalist(input_dir: str | Path, output_dir: str | Path | None = None, skip_existing: bool = False,
                        label_dir: str | Path | None = None) -> list[dict]:
     """Volumes to process under ``input_dir`` (with labels from ``label_dir`` when given).
 
     Files that could not even be inspected become error records (reported like any failed volume). With
-    ``skip_existing``, volumes whose map already exists in ``output_dir`` are left out (rerun after a kill).
+    ``skip_existing``, volumes finished by an earlier run in ``output_dir`` are left out (rerun after a kill).
     """
     items, problems = labelled_datalist(input_dir, label_dir)
+    if output_dir is not None:
+        remove_stale_temp_files(output_dir)
     if skip_existing and output_dir is not None:
-        done = {p.name[: -len(".nii.gz")] for p in Path(output_dir).glob("*.nii.gz")}
+        done = finished_names(output_dir)
         skipped = [d for d in items if d["name"] in done]
         items = [d for d in items if d["name"] not in done]
         if skipped:
-            logger.info("skipping %d volume(s) whose map already exists in %s", len(skipped), output_dir)
+            logger.info("skipping %d volume(s) already finished in %s", len(skipped), output_dir)
     errors = [{"name": Path(p.path).name, "image": p.path, "error": p.reason} for p in problems]
     return items + errors
 

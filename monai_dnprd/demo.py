@@ -82,11 +82,11 @@ def _variant(array: np.ndarray, affine: np.ndarray, seed: int) -> np.ndarray:
 def _insert_lesions(array: np.ndarray, affine: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic lesion of ``kind`` inserted in raw intensities; returns (volume, lesion mask)."""
     img = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(affine))
-    mask = torch.as_tensor(ForegroundMask()(img)) > 0
+    mask = ForegroundMask()(img).as_tensor() > 0
     inside = array[mask[0].numpy()]
     lo, hi = np.percentile(inside, [0.5, 99.5])
     scale = max(float(hi - lo), 1e-6)
-    norm = ((torch.as_tensor(img) - lo) / scale).clamp(0, 1) * mask
+    norm = ((img.as_tensor() - lo) / scale).clamp(0, 1) * mask
     norm = MetaTensor(norm, affine=torch.as_tensor(affine))
     # the demo heads come with skull, face and neck but no brain mask: lesions go deep inside the head and in its
     # upper 85 mm (the cerebrum), where brain lesions occur

@@ -14,7 +14,7 @@ from monai.inferers import Inferer
 
 from monai_dnprd.anomaly_map import gaussian_blur1d, slice_anomaly_map
 from monai_dnprd.engines.trainer import autocast_context
-from monai_dnprd.transforms.array import ResizeSlices, SliceStack25D
+from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
 __all__ = ["DNPVolumeInferer"]
 
@@ -50,7 +50,6 @@ class DNPVolumeInferer(Inferer):
         self.sigma = float(sigma)
         self.z_sigma = float(z_sigma)
         self.precision = precision
-        self.stacker = SliceStack25D(k=self.k, axis=self.axis)
         self.resize = ResizeSlices(self.img_size)
 
     def slice_maps(self, network: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
@@ -68,34 +67,38 @@ class DNPVolumeInferer(Inferer):
             maps.append(slice_anomaly_map(targets, recons, out_size, sigma=sigma_out).cpu())
         if not maps:
             return torch.zeros((0, 1, *out_size))
-        return torch.cat(maps, 0)
+        return maps[0] if len(maps) == 1 else torch.cat(maps, 0)
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: torch.nn.Module, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         network.eval()
-        spatial = inputs.shape[1:]
         ax = self.axis % 3
+        spatial = tuple(inputs.shape[1:])
         depth = spatial[ax]
         inplane = tuple(s for i, s in enumerate(spatial) if i != ax)
+        vol = torch.as_tensor(inputs).detach().float().cpu()
+        if isinstance(vol, MetaTensor):
+            vol = vol.as_tensor()
+        fg = torch.as_tensor(mask).bool()[0] if mask is not None else None
+        keep = fg.movedim(ax, 0).reshape(depth, -1).any(1) if fg is not None else torch.ones(depth, dtype=torch.bool)
+        idx = torch.nonzero(keep).flatten()
+        out = torch.zeros(spatial, dtype=torch.float32)
+        out_slices = torch.movedim(out, ax, 0)  # (Z, H, W) view: slice maps are written straight into the volume
         with torch.inference_mode():
-            stack = self.stacker(inputs)  # (Z, C', H, W)
-            if mask is not None:
-                m = torch.as_tensor(mask).bool()[0]
-                keep = m.movedim(ax, 0).reshape(depth, -1).any(1)
-            else:
-                keep = torch.ones(depth, dtype=torch.bool)
-            slice_maps = torch.zeros((depth, 1, *inplane), dtype=torch.float32)
-            idx = torch.nonzero(keep).flatten()
-            if idx.numel():
-                slice_maps[idx] = self.slice_maps(network, torch.as_tensor(stack)[idx].float(), inplane)
-            volume = self.stacker.unstack(slice_maps)  # (1, X, Y, Z)
-            volume = torch.as_tensor(volume).float()
+            # 2.5D stacks are gathered batch by batch, never for the whole volume at once (memory ~ one batch)
+            for start in range(0, idx.numel(), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                stack = gather_slice_stacks(vol, chunk, self.k, axis=ax)
+                out_slices[chunk] = self.slice_maps(network, stack, inplane)[:, 0]
+            volume = out[None]
             if self.z_sigma > 0:
                 volume = gaussian_blur1d(volume, self.z_sigma, dim=1 + ax)
-            if mask is not None:
-                volume = volume * torch.as_tensor(mask).to(volume.dtype)
+            if fg is not None:
+                volume = volume * fg[None]
         volume = volume.clone()  # leave inference mode (Invertd and writers may modify it)
         if isinstance(inputs, MetaTensor):
-            return MetaTensor(volume, affine=inputs.affine.clone(), meta=dict(inputs.meta))
+            result = MetaTensor(volume)
+            result.copy_meta_from(inputs)  # affine, original geometry and applied operations, for Invertd
+            return result
         return volume

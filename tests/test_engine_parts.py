@@ -61,6 +61,10 @@ def test_inference_datalist_skip_existing(tmp_path):
     for n in ("a", "b"):
         _write(inp / f"{n}.nii.gz")
     _write(out / "a.nii.gz")
+    (out / ".b.nii.gz.0123456789ab.tmp.nii.gz").write_bytes(b"cut off by a kill")
+    assert [d["name"] for d in inference_datalist(inp, out, skip_existing=True)] == ["a", "b"]  # a has no score yet
+    assert not list(out.glob(".*tmp*"))  # stale temporary file removed
+    (out / "scores.csv").write_text("name,score\na,0.5\n")
     assert [d["name"] for d in inference_datalist(inp, out, skip_existing=False)] == ["a", "b"]
     assert [d["name"] for d in inference_datalist(inp, out, skip_existing=True)] == ["b"]
 

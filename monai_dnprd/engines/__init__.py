@@ -6,6 +6,7 @@ from .handlers import (
     BestModelSaver,
     CalibrationHandler,
     CheckpointHandler,
+    EarlyStop,
     ExportHandler,
     PeriodicValidation,
     ProgressBar,

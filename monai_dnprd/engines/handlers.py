@@ -30,6 +30,7 @@ __all__ = [
     "BestModelSaver",
     "ExportHandler",
     "CalibrationHandler",
+    "EarlyStop",
     "PeriodicValidation",
     "AnomalyMetricsHandler",
 ]
@@ -374,3 +375,34 @@ class AnomalyMetricsHandler:
             write_text(json.dumps(self.result, indent=1, default=float), self.output_dir / "metrics.json")
         if self.print_table:
             print(format_metrics_table(self.result), flush=True)
+
+
+class EarlyStop:
+    """Stops training when the validation metric ``key`` has not improved for ``patience`` validations.
+
+    Attach to the trainer; it watches ``evaluator``. ``patience <= 0`` disables it. The end-of-training
+    handlers (export of the best model, calibration) still run after an early stop.
+    """
+
+    def __init__(self, evaluator: Engine, patience: int = 0, key: str = "voxel_ap", min_delta: float = 0.0) -> None:
+        self.evaluator = evaluator
+        self.patience = int(patience)
+        self.key = key
+        self.min_delta = float(min_delta)
+        self.best = -math.inf
+        self.bad = 0
+
+    def attach(self, engine: Engine) -> None:
+        if self.patience > 0:
+            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._check, engine)
+
+    def _check(self, evaluator: Engine, trainer: Engine) -> None:
+        value = float(evaluator.state.metrics.get(self.key, float("nan")))
+        if math.isfinite(value) and value > self.best + self.min_delta:
+            self.best, self.bad = value, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            logger.info("early stop at iteration %d: %s has not improved for %d validations (best %.4f)",
+                        trainer.state.iteration, self.key, self.bad, self.best)
+            trainer.terminate()

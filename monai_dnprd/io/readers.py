@@ -242,6 +242,17 @@ def check_dicom_slices(files: list[str], folder: str) -> None:
             f"uneven slice spacing: from {steps.min():.4g} to {steps.max():.4g} mm (median {median:.4g} mm, "
             f"tolerance {tol:.3g} mm)",
         )
+    # the slices must lie on one line along the normal: an in-plane drift (gantry tilt, sheared stack) would be
+    # read as an orthogonal volume and every map would land in the wrong place
+    unit = normal / norm
+    offsets = np.stack(positions) - positions[0]
+    drift = float(np.linalg.norm(offsets - np.outer(offsets @ unit, unit), axis=1).max())
+    if drift > tol:
+        raise VolumeError(
+            folder,
+            f"slice positions drift up to {drift:.3g} mm off the slice normal (gantry tilt or sheared stack, "
+            f"tolerance {tol:.3g} mm); resample the series to an orthogonal grid first",
+        )
 
 
 def _read_dicom(folder: str, series_uid: str | None, index: int | None) -> Volume:

@@ -190,21 +190,46 @@ class ForegroundMask(Transform):
                 counts = np.bincount(lab.ravel())
                 counts[0] = 0
                 m = lab == int(np.argmax(counts))
-        if self.fill_holes:
-            m = ndi.binary_fill_holes(m)
-            # slice-wise 2D filling along every axis (in-plane structure only); filling along one axis can
-            # close a hole seen along another, so repeat until nothing changes (a few rounds at most)
+        if self.fill_holes and m.any():
+            box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(m))  # work in the bounding box
+            sub = _fill_holes(m[box])
+            # slice-wise 2D filling along every axis; filling along one axis can close a hole seen along
+            # another, so repeat until nothing changes (a few rounds at most)
             for _ in range(5):
-                before = int(m.sum())
+                before = int(sub.sum())
                 for ax in range(3):
-                    st = np.zeros((3, 3, 3), dtype=bool)
-                    sl: list[Any] = [slice(None)] * 3
-                    sl[ax] = 1
-                    st[tuple(sl)] = ndi.generate_binary_structure(2, 1)
-                    m = ndi.binary_fill_holes(m, structure=st)
-                if int(m.sum()) == before:
+                    sub = _fill_holes(sub, axis=ax)
+                if int(sub.sum()) == before:
                     break
+            m = m.copy()
+            m[box] = sub
         return m
+
+
+def _fill_holes(m: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Fill the holes of a 3D mask (background parts not connected to the array border).
+
+    With ``axis``, holes are found slice by slice along that axis (2D connectivity inside each slice). One
+    labelling pass instead of scipy's iterative ``binary_fill_holes`` (much faster on large volumes).
+    """
+    if axis is None:
+        structure = ndi.generate_binary_structure(3, 1)
+    else:
+        structure = np.zeros((3, 3, 3), dtype=bool)
+        sl: list[Any] = [slice(None)] * 3
+        sl[axis] = 1
+        structure[tuple(sl)] = ndi.generate_binary_structure(2, 1)
+    lab, num = ndi.label(~m, structure=structure)
+    if num == 0:
+        return m
+    touching = np.zeros(num + 1, dtype=bool)
+    for ax in range(3):
+        if axis is not None and ax == axis:
+            continue  # slice faces along the slicing axis are not a border of the 2D slices
+        touching[np.take(lab, 0, axis=ax).ravel()] = True
+        touching[np.take(lab, -1, axis=ax).ravel()] = True
+    touching[0] = True
+    return m | ~touching[lab]
 
 
 # ------------------------------------------------------------------------------------- normalisation

@@ -12,6 +12,8 @@ from monai.transforms import MapTransform, Padd, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 from monai.utils import MAX_SEED
 
+from monai_dnprd.io.errors import VolumeError
+
 from .array import (
     ForegroundMask,
     NormalizeForeground,
@@ -36,7 +38,11 @@ __all__ = [
 
 
 class ForegroundMaskd(MapTransform):
-    """Compute the foreground mask of ``keys[0]`` and store it under ``mask_key`` (same meta)."""
+    """Compute the foreground mask of ``keys[0]`` and store it under ``mask_key`` (same meta).
+
+    An empty mask (a constant volume, or nothing above the threshold) raises ``VolumeError`` naming the file,
+    since nothing could be cropped, analysed or scored; ``allow_empty=True`` keeps the empty mask instead.
+    """
 
     def __init__(
         self,
@@ -48,15 +54,24 @@ class ForegroundMaskd(MapTransform):
         fill_holes: bool = True,
         largest_component: bool = True,
         allow_missing_keys: bool = False,
+        allow_empty: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
         self.masker = ForegroundMask(method, threshold, closing_iterations, fill_holes, largest_component)
+        self.allow_empty = allow_empty
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[self.mask_key] = self.masker(d[key])
+            mask = self.masker(d[key])
+            if not self.allow_empty and not bool(_to_torch(mask).any()):
+                meta = getattr(d[key], "meta", {}) or {}
+                path = meta.get("filename_or_obj") or d.get("image") or str(key)
+                raise VolumeError(
+                    str(path), "no foreground: the volume is constant or nothing lies above the foreground threshold"
+                )
+            d[self.mask_key] = mask
             break
         return d
 

@@ -1,0 +1,119 @@
+"""End-to-end inference speed and peak memory on one volume, with the time split by stage.
+
+Stages: read (file -> array), preprocess (orientation, foreground, normalisation, crop, pad), network (all
+slices, batched), map (slice maps, upsampling, blur, stacking, z-smoothing), invert (back to the input grid),
+write (NIfTI). Peak RSS is the process maximum (ru_maxrss), which includes Python, torch and MONAI.
+
+Usage:
+  python bench/bench_inference.py --ckpt runs/demo/models/model.pt --volume ../shared/data/tcga_lgg/TCGA-DU-7294/TCGA-DU-7294_fla_bet.nii.gz
+  python bench/bench_inference.py --ckpt ... --synthetic-ct 512,512,300    # a CT-sized volume made from the real CT
+Options: --device cpu|cuda, --precision fp32|bf16, --batch-size N, --repeat N (best of N reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ct_volume(shape: tuple[int, int, int], out: Path) -> Path:
+    """A CT-sized volume: the real abdominal CT of the shared data resampled to ``shape`` (trilinear)."""
+    import nibabel as nib
+    import torch.nn.functional as F
+
+    src = nib.load(str(REPO.parent / "shared" / "data" / "totalsegmentator_ct" / "example_ct.nii.gz"))
+    arr = torch.from_numpy(np.asarray(src.dataobj, dtype=np.float32))[None, None]
+    big = F.interpolate(arr, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    aff = src.affine.copy()
+    aff[:3, :3] = aff[:3, :3] @ np.diag(np.array(src.shape) / np.array(shape))
+    nib.save(nib.Nifti1Image(big.astype(np.int16), aff), str(out))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--volume")
+    ap.add_argument("--synthetic-ct", help="X,Y,Z: benchmark a CT-sized volume made from the shared CT")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+
+    from monai.bundle import ConfigParser
+
+    from monai_dnprd.checkpoint import load_model
+    from monai_dnprd.io import write_nifti
+
+    tmp = Path(tempfile.mkdtemp())
+    volume = Path(args.volume) if args.volume else ct_volume(tuple(int(v) for v in args.synthetic_ct.split(",")), tmp / "ct.nii.gz")
+    device = torch.device(args.device)
+    net, info = load_model(args.ckpt, device)
+    params = info["preprocessing"]
+    parser = ConfigParser()
+    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    parser.update({"ckpt_path": args.ckpt, "input_dir": str(volume.parent), "output_dir": str(tmp / "out"),
+                   "batch_size": args.batch_size, "precision": args.precision, "device": args.device})
+    if "ct" in volume.name:
+        parser["params"] = {**params, "modality": "ct"}
+    preprocessing = parser.get_parsed_content("preprocessing")
+    inverse = parser.get_parsed_content("inverse")
+    inferer = parser.get_parsed_content("inferer")
+    best: dict[str, float] = {}
+    for _ in range(args.repeat):
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        d = preprocessing.transforms[0]({"image": str(volume), "name": "bench"})
+        t["read"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for tr in preprocessing.transforms[1:]:
+            d = tr(d)
+        t["preprocess"] = time.perf_counter() - t0
+        # network and map, timed apart by wrapping the network call
+        net_time = [0.0]
+        original = inferer.slice_maps
+
+        def timed_slice_maps(network, stack, out_size, _orig=original):
+            t1 = time.perf_counter()
+            r = _orig(network, stack, out_size)
+            net_time[0] += time.perf_counter() - t1
+            return r
+
+        inferer.slice_maps = timed_slice_maps
+        t0 = time.perf_counter()
+        d["pred"] = inferer(d["image"].to(device), net, mask=d["mask"])
+        total = time.perf_counter() - t0
+        inferer.slice_maps = original
+        t["network+slice maps"] = net_time[0]
+        t["stack, z-smoothing, masking"] = total - net_time[0]
+        n_slices = int((torch.as_tensor(d["mask"])[0] > 0).flatten(0, 1).any(0).sum())
+        t0 = time.perf_counter()
+        d = inverse(d)
+        t["invert"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        write_nifti(d["pred"][0], d["pred"].meta["original_affine"], tmp / "out.nii.gz")
+        t["write"] = time.perf_counter() - t0
+        t["total"] = sum(t.values())
+        if not best or t["total"] < best["total"]:
+            best = t
+    shape = tuple(int(s) for s in d["pred"].shape[1:])
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    result = {"volume": volume.name, "shape": shape, "device": args.device, "precision": args.precision,
+              "threads": torch.get_num_threads(), "seconds": {k: round(v, 3) for k, v in best.items()},
+              "peak_rss_gb": round(peak_gb, 2), "img_size": params["img_size"], "k": params["k"],
+              "slices": n_slices, "slices_per_s_network": round(n_slices / max(best["network+slice maps"], 1e-9), 1)}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
