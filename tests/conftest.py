@@ -61,6 +61,41 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+def rotation(angles) -> np.ndarray:
+    """Rotation matrix from three Euler angles (radians), for oblique test geometries."""
+    a, b, g = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(g), -np.sin(g), 0], [np.sin(g), np.cos(g), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def run_workflow(config: str, run_id: str, **overrides):
+    """Run one bundle workflow in this process (as ``python -m monai.bundle run`` would)."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / config),
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        workflow_type=None,
+        run_id=run_id,
+        bundle_root=str(BUNDLE),
+        **overrides,
+    )
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def root_message(err: BaseException) -> str:
+    """The message of the innermost cause (MONAI wraps errors raised inside config expressions)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err)
+
+
 TINY_MODEL = {
     "img_size": 32,
     "patch_size": 8,
@@ -77,3 +112,15 @@ def _quiet_threads():
     """Keep each test on the 2 cores without oversubscription."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory) -> Path:
+    """A tiny model trained once per session on ``tiny_data`` (both stages, validation, calibration)."""
+    out = tmp_path_factory.mktemp("train")
+    run_workflow(
+        "train.json", "training", output_dir=str(out), dataset_dir=str(tiny_data["train"]),
+        val_dir=str(tiny_data["val"]), num_iterations=6, warmup_iterations=2, val_interval=2, ckpt_interval=2,
+        **TINY_MODEL,
+    )
+    return out

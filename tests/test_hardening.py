@@ -26,7 +26,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import BUNDLE, TINY_MODEL, _downsampled
+from conftest import BUNDLE, TINY_MODEL, _downsampled, rotation, run_workflow
 from dicom_utils import write_dicom_series
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,7 +35,6 @@ from monai.data import MetaTensor
 
 from monai_dnprd.checkpoint import CheckpointError
 from monai_dnprd.io import find_volumes, read_volume
-from test_workflows import run_workflow
 
 # ------------------------------------------------------------------------------------------- helpers
 
@@ -51,14 +50,6 @@ def save(arr, aff, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(arr), np.asarray(aff, dtype=np.float64)), str(path))
     return path
-
-
-def rotation(angles) -> np.ndarray:
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def edit_dicom(path: Path, **tags) -> None:
@@ -132,17 +123,6 @@ FAILS = {
     "selfloop.nii.gz": r"broken symbolic link",
 }
 MAPS = ["good_a", "nested_deep", "nan_few", "tiny", "huge", "oblique", "anon_series"]  # + the two DICOM series
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train_hardening")
-    run_workflow(
-        "train.json", "training", output_dir=str(out), dataset_dir=str(tiny_data["train"]),
-        val_dir=str(tiny_data["val"]), num_iterations=6, warmup_iterations=2, val_interval=2, ckpt_interval=2,
-        **TINY_MODEL,
-    )
-    return out
 
 
 def build_matrix(root: Path) -> dict:

@@ -18,6 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import rotation
 from dicom_utils import expected_from_nifti, right_handed, write_dicom_series
 from monai_dnprd.io import (
     IMAGE_SUFFIXES,
@@ -59,15 +60,6 @@ def sitk_image(array_xyz, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direc
     if direction is not None:
         img.SetDirection(tuple(np.asarray(direction, dtype=float).ravel()))
     return img
-
-
-def rotation(angles) -> np.ndarray:
-    """Rotation matrix from three Euler angles (radians)."""
-    a, b, c = angles
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
 
 
 def expect_error(path, fragment: str, **kwargs) -> VolumeError:

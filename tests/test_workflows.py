@@ -10,51 +10,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, TINY_MODEL
-from monai.bundle import ConfigWorkflow
+from conftest import TINY_MODEL, root_message, run_workflow
 
 from monai_dnprd.checkpoint import load_checkpoint, load_model
 
 pytestmark = pytest.mark.slow
 
 
-def run_workflow(config: str, run_id: str, **overrides) -> ConfigWorkflow:
-    """Run one bundle workflow in this process (as ``python -m monai.bundle run`` would)."""
-    wf = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / config),
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        workflow_type=None,
-        run_id=run_id,
-        bundle_root=str(BUNDLE),
-        **overrides,
-    )
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    return wf
-
-
-def root_message(err: BaseException) -> str:
-    """The message of the innermost cause (MONAI wraps errors raised inside config expressions)."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err)
-
-
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train")
-    run_workflow(
-        "train.json", "training", output_dir=str(out), dataset_dir=str(tiny_data["train"]),
-        val_dir=str(tiny_data["val"]), num_iterations=6, warmup_iterations=2, val_interval=2, ckpt_interval=2,
-        **TINY_MODEL,
-    )
-    return out
 
 
 def test_training_writes_finite_losses_checkpoints_and_calibration(trained):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ema import ema_update, make_teacher
-from .vit import VIT_PRESETS, Mlp, ViTEncoder, default_groups, default_taps, load_dinov2_weights
+from .vit import VIT_PRESETS, Mlp, ViTEncoder, default_groups, default_taps, init_linear_and_norm, load_dinov2_weights
 
 __all__ = ["DNPOutput", "PrototypeExtractor", "PrototypeAttentionBlock", "DNPConFormer"]
 
@@ -33,14 +33,7 @@ class DNPOutput:
 
 def _init_dnp(module: nn.Module) -> None:
     """method.md init for the DNP parts: Linear trunc_normal(std=0.01) with zero bias, LayerNorm 1/0."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_linear_and_norm(module, std=0.01)
 
 
 class PrototypeExtractor(nn.Module):

@@ -67,6 +67,18 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
+def init_linear_and_norm(module: nn.Module, std: float) -> None:
+    """Linear weights trunc_normal(std) with zero bias, LayerNorm weight 1 / bias 0, for every submodule."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class Mlp(nn.Module):
     """Two-layer GELU MLP (names fc1/fc2 as in DINOv2), with optional dropout after each layer."""
 
@@ -161,14 +173,7 @@ class ViTEncoder(nn.Module):
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self, std=0.02)
 
     def _pos_embed(self, gh: int, gw: int) -> Tensor:
         """Positional embedding for a gh x gw grid (bicubic interpolation when it differs from the native grid)."""
