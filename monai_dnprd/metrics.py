@@ -455,8 +455,11 @@ class VolumeMetricAccumulator:
         volume_score: float | None = None,
         is_normal: bool | None = None,
         threshold: float | None = None,
+        axis: int | None = None,
     ) -> dict:
         """Add one volume (label None = normal volume) and return its own metrics (nan where undefined).
+
+        ``axis`` overrides the slicing axis for this volume (volumes of different orientations in one run).
 
         ``volume_score`` defaults to the mean of the top ``q`` fraction of masked map values;
         ``is_normal`` defaults to "no lesion voxel inside the mask".
@@ -483,8 +486,9 @@ class VolumeMetricAccumulator:
             lesion = lab & msk
             y = lesion[msk]
         ids, n_reg = _region_ids(lesion)
-        sl_scores = slice_scores(m, msk, axis=self.axis, q=self.q)
-        sl_labels = slice_labels(lesion, axis=self.axis, min_voxels=self.min_slice_voxels)
+        axis = self.axis if axis is None else axis
+        sl_scores = slice_scores(m, msk, axis=axis, q=self.q)
+        sl_labels = slice_labels(lesion, axis=axis, min_voxels=self.min_slice_voxels)
         n_les = int(np.count_nonzero(y))
         vs = float(volume_score) if volume_score is not None else _top_q_mean(s, self.q)
         normal = bool(n_les == 0) if is_normal is None else bool(is_normal)

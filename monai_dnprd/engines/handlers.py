@@ -354,10 +354,9 @@ class AnomalyMetricsHandler:
             axis = axial_axis(torch.as_tensor(d["pred"].affine) if hasattr(d["pred"], "affine") else np.eye(4))
         if self.acc is None:
             self.acc = VolumeMetricAccumulator(axis=axis, q=self.q, max_pooled_voxels=self.max_pooled_voxels)
-        self.acc.axis = axis
         is_normal = None if label is None else (not bool(label.any()))
         self.acc.add(str(d.get("name")), pred, label=label, mask=mask, volume_score=d.get("score"),
-                     is_normal=is_normal, threshold=self.threshold)
+                     is_normal=is_normal, threshold=self.threshold, axis=axis)
 
     def _compute(self, engine: Engine) -> None:
         if self.acc is None:
