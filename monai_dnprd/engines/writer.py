@@ -126,9 +126,10 @@ class InferenceWriter:
             if rank() == 0:
                 self._merge()
             barrier()
-        failures = list(csv.DictReader(open(self.output_dir / "failures.csv", newline="", encoding="utf-8")))
-        if not failures:
-            (self.output_dir / "failures.csv").unlink(missing_ok=True)
+        if rank() == 0:  # the merged file belongs to rank 0: drop it when no rank had a failure
+            with open(self.output_dir / "failures.csv", newline="", encoding="utf-8") as f:
+                if not list(csv.DictReader(f)):
+                    (self.output_dir / "failures.csv").unlink(missing_ok=True)
         logger.info("%d volume(s) written to %s, %d failed", len(self.rows), self.output_dir, len(self.failures))
 
     def _merge(self) -> None:
