@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import CacheDataset, Dataset
+from monai.data import Dataset
 from torch.utils.data import Dataset as TorchDataset
 
 from monai_dnprd.io import VolumeError, find_volumes
@@ -19,6 +19,7 @@ __all__ = [
     "normal_datalists",
     "labelled_datalist",
     "SliceDataset",
+    "preprocess_volumes",
     "slice_dataset",
     "synthetic_validation_dataset",
     "first_item",
@@ -125,19 +126,33 @@ class SliceDataset(TorchDataset):
         return self.slice_transform(sample) if self.slice_transform is not None else sample
 
 
+def preprocess_volumes(volumes: Sequence[dict], preprocessing: Callable, what: str = "training") -> list[dict]:
+    """Preprocess every volume once, skipping (and logging, one line each) those that fail.
+
+    A bad file in a folder of normal volumes must not stop training; if no volume is usable, that is an error.
+    """
+    ok, failed = [], []
+    for item in volumes:
+        d = SafeDataset([item], transform=preprocessing)[0]
+        if d.get("error"):
+            failed.append(d)
+            logger.warning("skipped %s volume %s: %s", what, d.get("image"), d["error"])
+        else:
+            ok.append(d)
+    if not ok:
+        raise VolumeError(str(volumes[0]["image"]) if volumes else "-", f"no usable {what} volume ({len(failed)} failed)")
+    return ok
+
+
 def slice_dataset(
     volumes: Sequence[dict],
     preprocessing: Callable,
     slice_sampler: Callable,
     slice_transform: Callable | None = None,
     samples_per_volume: int = 8,
-    cache_rate: float = 1.0,
-    num_workers: int = 0,
 ) -> SliceDataset:
-    """Training slices: volumes preprocessed once (cached in memory), then random 2.5D slices drawn from them."""
-    cached = CacheDataset(list(volumes), transform=preprocessing, cache_rate=cache_rate, num_workers=num_workers,
-                          progress=False)
-    return SliceDataset(cached, slice_sampler, slice_transform, samples_per_volume)
+    """Training slices: volumes preprocessed once (kept in memory), then random 2.5D slices drawn from them."""
+    return SliceDataset(preprocess_volumes(volumes, preprocessing), slice_sampler, slice_transform, samples_per_volume)
 
 
 def synthetic_validation_dataset(
@@ -145,13 +160,11 @@ def synthetic_validation_dataset(
 ) -> list[dict]:
     """Preprocessed normal volumes with synthetic lesions inserted, fixed once by ``seed`` (same every validation)."""
     out = []
-    for i, item in enumerate(volumes):
-        d = preprocessing(dict(item))
+    for i, d in enumerate(preprocess_volumes(volumes, preprocessing, what="validation")):
         if hasattr(lesion_transform, "set_random_state"):
             lesion_transform.set_random_state(seed + i)
         out.append(lesion_transform(d))
     return out
-
 
 
 def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:

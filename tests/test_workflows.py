@@ -111,3 +111,20 @@ def test_output_folder_inside_input_is_refused(trained, tiny_data, tmp_path):
         run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]),
                      output_dir=str(tiny_data["test"] / "maps"), ckpt_path=str(trained / "models" / "model.pt"))
     assert "inside" in root_message(err.value) and not (tiny_data["test"] / "maps").exists()
+
+
+def test_training_skips_bad_normal_volumes(tiny_data, tmp_path, capfd):
+    """A broken file and a constant volume among the normals are logged and skipped; training still completes."""
+    import shutil
+
+    train = tmp_path / "normals"
+    shutil.copytree(tiny_data["train"], train)
+    (train / "broken.nii.gz").write_bytes(b"not a volume")
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 10), np.float32), np.eye(4)), str(train / "constant.nii.gz"))
+    out = tmp_path / "run"
+    run_workflow("train.json", "training", output_dir=str(out), dataset_dir=str(train), val_dir=str(tiny_data["val"]),
+                 num_iterations=3, warmup_iterations=1, val_interval=2, **TINY_MODEL)
+    assert (out / "models" / "model.pt").is_file()
+    captured = capfd.readouterr()
+    skipped = [line for line in (captured.out + captured.err).splitlines() if "skipped training volume" in line]
+    assert len(skipped) == 2 and any("broken.nii.gz" in m for m in skipped) and any("constant" in m for m in skipped)

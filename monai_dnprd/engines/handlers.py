@@ -271,8 +271,9 @@ class CalibrationHandler:
 
         device = next(self.network.parameters()).device
         voxel_values, volume_scores = [], []
-        for item in self.datalist:
-            d = self.preprocessing(dict(item))
+        from monai_dnprd.data import preprocess_volumes
+
+        for d in preprocess_volumes(self.datalist, self.preprocessing, what="calibration"):
             pred = self.inferer(d["image"].to(device), self.network, mask=d["mask"])
             values = torch.as_tensor(pred)[torch.as_tensor(d["mask"]) > 0]
             voxel_values.append(values.numpy())
