@@ -12,7 +12,7 @@ import numpy as np
 from monai.data import Dataset
 from torch.utils.data import Dataset as TorchDataset
 
-from monai_dnprd.io import VolumeError, find_volumes
+from monai_dnprd.io import VolumeError, find_volume_error, find_volumes
 
 __all__ = [
     "SafeDataset",
@@ -50,12 +50,13 @@ class SafeDataset(Dataset):
             out["load_seconds"] = time.perf_counter() - start
             return out
         except Exception as err:  # noqa: BLE001 - one bad volume must not stop the run
-            cause: BaseException = err
-            while getattr(cause, "__cause__", None) is not None and not isinstance(cause, VolumeError):
-                cause = cause.__cause__  # MONAI wraps transform errors in RuntimeError
-            if isinstance(cause, VolumeError):
-                reason = cause.reason
+            volume_error = find_volume_error(err)  # MONAI wraps transform errors in RuntimeError
+            if volume_error is not None:
+                reason = volume_error.reason
             else:
+                cause: BaseException = err
+                while cause.__cause__ is not None:
+                    cause = cause.__cause__
                 reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".strip()
             return {"name": item.get("name"), "image": item.get("image"), "error": reason}
 

@@ -53,21 +53,16 @@ class DNPVolumeInferer(Inferer):
         self.resize = ResizeSlices(self.img_size)
 
     def slice_maps(self, network: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        """Anomaly maps ``(N, 1, H, W)`` of a stack of 2.5D slices ``(N, C, H, W)``, batch by batch."""
+        """Anomaly maps ``(N, 1, H, W)`` of one batch of 2.5D slices ``(N, C, H, W)`` at their own size ``out_size``."""
         net = network.module if hasattr(network, "module") else network
         device = next(net.parameters()).device
+        x = self.resize(stack).to(device)
+        with autocast_context(device, self.precision):
+            out = net(x)
+        targets = [t.float() for t in out.targets]
+        recons = [r.float() for r in out.recons]
         sigma_out = self.sigma * max(out_size) / self.img_size
-        maps = []
-        for start in range(0, stack.shape[0], self.batch_size):
-            x = self.resize(stack[start : start + self.batch_size]).to(device)
-            with autocast_context(device, self.precision):
-                out = net(x)
-            targets = [t.float() for t in out.targets]
-            recons = [r.float() for r in out.recons]
-            maps.append(slice_anomaly_map(targets, recons, out_size, sigma=sigma_out).cpu())
-        if not maps:
-            return torch.zeros((0, 1, *out_size))
-        return maps[0] if len(maps) == 1 else torch.cat(maps, 0)
+        return slice_anomaly_map(targets, recons, out_size, sigma=sigma_out).cpu()
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: torch.nn.Module, mask: torch.Tensor | None = None

@@ -33,7 +33,6 @@ class DNPVolumeEvaluator(Evaluator):
         inverse: a transform applied to the output dict after inference (e.g. ``Invertd`` on "pred"/"mask"),
             bringing the map back to the input's own grid. None keeps the preprocessed grid (validation).
         score_q: the volume score is the mean of the top ``score_q`` fraction of foreground voxels.
-        keep_image: keep the preprocessed image in the output (visual reports need it).
     """
 
     def __init__(
@@ -44,7 +43,6 @@ class DNPVolumeEvaluator(Evaluator):
         inferer: Callable,
         inverse: Callable | None = None,
         score_q: float = 0.01,
-        keep_image: bool = False,
         val_handlers: Sequence | None = None,
         epoch_length: int | None = None,
     ) -> None:
@@ -59,7 +57,6 @@ class DNPVolumeEvaluator(Evaluator):
         self.inferer = inferer
         self.inverse = inverse
         self.score_q = float(score_q)
-        self.keep_image = keep_image
 
     def _iteration(self, engine: DNPVolumeEvaluator, batchdata: dict) -> dict:  # type: ignore[override]
         d = dict(batchdata)
@@ -69,16 +66,13 @@ class DNPVolumeEvaluator(Evaluator):
         start = time.perf_counter()
         image = d["image"]
         mask = d.get("mask")
-        pred = engine.inferer(image.to(engine.state.device), engine.network, mask=mask)
+        pred = engine.inferer(image, engine.network, mask=mask)  # batches go to the network's device
         fg = (torch.as_tensor(mask) > 0) if mask is not None else torch.ones_like(torch.as_tensor(pred), dtype=torch.bool)
         d["score"] = float(top_percent_score(torch.as_tensor(pred)[fg], q=engine.score_q))
         d["pred"] = pred
         if engine.inverse is not None:
-            d = engine.inverse(d)
-            if not engine.keep_image:
-                d.pop("image", None)
-        elif not engine.keep_image:
-            d.pop("image", None)
+            d = engine.inverse(d)  # needs the image's transform history, so before dropping it
+        d.pop("image", None)  # the preprocessed volume is not needed downstream; keep memory per volume low
         d["seconds"] = time.perf_counter() - start
         engine.state.output = d
         return d

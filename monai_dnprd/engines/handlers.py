@@ -18,9 +18,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from monai_dnprd.anomaly_map import top_percent_score
 from monai_dnprd.calibration import Calibration
 from monai_dnprd.checkpoint import export_model, load_checkpoint, save_atomic
+from monai_dnprd.data import preprocess_volumes
 from monai_dnprd.distributed import rank
+from monai_dnprd.engines.evaluator import axial_axis
+from monai_dnprd.io.writers import write_text
 from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
 
 __all__ = [
@@ -267,14 +271,9 @@ class CalibrationHandler:
     def _calibrate(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        from monai_dnprd.anomaly_map import top_percent_score
-
-        device = next(self.network.parameters()).device
         voxel_values, volume_scores = [], []
-        from monai_dnprd.data import preprocess_volumes
-
         for d in preprocess_volumes(self.datalist, self.preprocessing, what="calibration"):
-            pred = self.inferer(d["image"].to(device), self.network, mask=d["mask"])
+            pred = self.inferer(d["image"], self.network, mask=d["mask"])
             values = torch.as_tensor(pred)[torch.as_tensor(d["mask"]) > 0]
             voxel_values.append(values.numpy())
             volume_scores.append(float(top_percent_score(values, q=self.score_q)))
@@ -350,8 +349,6 @@ class AnomalyMetricsHandler:
         label = None if label is None else (torch.as_tensor(label).cpu().numpy().reshape(pred.shape) > 0)
         axis = self.axis
         if axis is None:  # original image space: slice along the array axis closest to inferior-superior
-            from monai_dnprd.engines.evaluator import axial_axis
-
             axis = axial_axis(torch.as_tensor(d["pred"].affine) if hasattr(d["pred"], "affine") else np.eye(4))
         if self.acc is None:
             self.acc = VolumeMetricAccumulator(axis=axis, q=self.q, max_pooled_voxels=self.max_pooled_voxels)
@@ -370,8 +367,6 @@ class AnomalyMetricsHandler:
                     flat[f"{level}_{k}"] = float(v)
         engine.state.metrics.update(flat)
         if self.output_dir is not None:
-            from monai_dnprd.io.writers import write_text
-
             write_text(json.dumps(self.result, indent=1, default=float), self.output_dir / "metrics.json")
         if self.print_table:
             print(format_metrics_table(self.result), flush=True)
