@@ -7,6 +7,7 @@ before the test. Baselines on the same volumes and masks: (a) FLAIR intensity z-
 median-filtered; (b) per-voxel z-score against the normal training intensities; (c) random.
 
 Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out runs/bench_tcga] [--iterations 600]
+       python bench/tcga_protocol.py --out runs/bench_tcga --rescore   (metrics again, no training)
 Prints a table and writes OUT/results.json.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import median_filter
+from scipy.ndimage import gaussian_filter, median_filter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,8 +58,44 @@ def run_bundle(config: str, run_id: str, **overrides) -> None:
     wf.finalize()
 
 
-def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: list[Path], seed: int = 0) -> dict[str, np.ndarray]:
-    """Score maps of the baselines on the test volume (original grid)."""
+def intensity_surprisal(xn: np.ndarray, normal_values: np.ndarray, bins: int = 64, sigma: float = 1.0) -> np.ndarray:
+    """-log p(intensity) under the histogram of the normal training intensities (Laplace-smoothed), blurred.
+
+    Both inputs are intensities normalised to [0, 1] the same way; the result is shifted to a minimum of 0 so
+    that it can multiply another non-negative map.
+    """
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    hist, _ = np.histogram(normal_values, edges)
+    p = (hist + 1.0) / (hist.sum() + bins)
+    s = -np.log(p[np.clip(np.digitize(xn, edges) - 1, 0, bins - 1)])
+    s = gaussian_filter(s - s.min(), sigma)
+    return s.astype(np.float32)
+
+
+def slice_standardised(score: np.ndarray, fg: np.ndarray, axis: int = 2) -> np.ndarray:
+    """One-sided robust z-score of a map per axial slice: (m - median) / (median - 25th percentile).
+
+    Analysis only (attempt 3 of docs/benchmarks.md): removes a slice-wide offset of the map, e.g. from anatomy
+    levels that the normal training slabs never showed, keeping focal deviations.
+    """
+    out = np.zeros_like(score, dtype=np.float32)
+    for z in range(score.shape[axis]):
+        idx = (slice(None),) * axis + (z,)
+        f = fg[idx]
+        if f.sum() < 10:
+            continue
+        q25, med = np.quantile(score[idx][f], [0.25, 0.5])
+        out[idx] = np.where(f, (score[idx] - med) / max(med - q25, 1e-6), 0.0)
+    return out
+
+
+def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: list[Path], seed: int = 0,
+              model_map: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Score maps of the baselines on the test volume (original grid), and the optional combined score.
+
+    ``dnp_x_intensity_surprisal`` (attempt 2 of docs/benchmarks.md) multiplies the model's map by the intensity
+    surprisal under the normal training intensities: both must be high for a high score.
+    """
     x = np.asarray(nib.load(str(test_flair)).dataobj, dtype=np.float32)
     lo, hi = np.percentile(x[fg], [0.5, 99.5])
     xn = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -72,12 +109,16 @@ def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: lis
     tv = np.concatenate(train_vals)
     zt = np.abs(xn - tv.mean()) / max(tv.std(), 1e-6)
     rng = np.random.default_rng(seed)
-    return {
+    maps = {
         "flair_zscore": np.where(fg, z, 0),
         "flair_zscore_median3": np.where(fg, median_filter(z, size=3), 0),
         "normal_intensity_z": np.where(fg, zt, 0),
         "random": np.where(fg, rng.random(x.shape, dtype=np.float32), 0),
     }
+    if model_map is not None:
+        maps["dnp_x_intensity_surprisal"] = np.where(fg, model_map * intensity_surprisal(xn, tv), 0)
+        maps["dnp_slice_standardised"] = slice_standardised(model_map, fg)
+    return maps
 
 
 def main() -> None:
@@ -88,6 +129,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--extra", default="{}", help="JSON of extra training overrides")
     ap.add_argument("--only", type=int, choices=[0, 1], help="run one direction only (0: first case -> second)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="reuse the trained models and maps under --out: recompute the metrics and baselines only")
     args = ap.parse_args()
     from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
 
@@ -102,26 +145,33 @@ def main() -> None:
             if (work / "result.json").is_file():
                 results[tag] = json.loads((work / "result.json").read_text())
             continue
-        shutil.rmtree(work, ignore_errors=True)
-        flair = next(train_case.glob("*_fla_bet.nii.gz"))
-        train_slabs = slabs(flair, train_case / "fusion_simple_seg.nii.gz", work / "normal")
         test_dir, label_dir = work / "test", work / "labels"
-        test_dir.mkdir(parents=True)
-        label_dir.mkdir()
-        tflair = next(test_case.glob("*_fla_bet.nii.gz"))
-        shutil.copy(tflair, test_dir / "case.nii.gz")
-        shutil.copy(test_case / "fusion_simple_seg.nii.gz", label_dir / "case.nii.gz")
-        t0 = time.time()
-        run_bundle("train.json", "training", dataset_dir=str(work / "normal"), val_dir=str(work / "normal"),
-                   output_dir=str(work / "train"), num_iterations=args.iterations, warmup_iterations=args.warmup,
-                   **json.loads(args.extra))
-        train_s = time.time() - t0
-        run_bundle("evaluate.json", "evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
-                   output_dir=str(work / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"), report="false")
+        if args.rescore:
+            train_slabs = sorted((work / "normal").glob("*.nii.gz"))
+            old = work / "result.json"
+            train_s = json.loads(old.read_text())["train_seconds"] if old.is_file() else float("nan")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            flair = next(train_case.glob("*_fla_bet.nii.gz"))
+            train_slabs = slabs(flair, train_case / "fusion_simple_seg.nii.gz", work / "normal")
+            test_dir.mkdir(parents=True)
+            label_dir.mkdir()
+            tflair = next(test_case.glob("*_fla_bet.nii.gz"))
+            shutil.copy(tflair, test_dir / "case.nii.gz")
+            shutil.copy(test_case / "fusion_simple_seg.nii.gz", label_dir / "case.nii.gz")
+            t0 = time.time()
+            run_bundle("train.json", "training", dataset_dir=str(work / "normal"), val_dir=str(work / "normal"),
+                       output_dir=str(work / "train"), num_iterations=args.iterations, warmup_iterations=args.warmup,
+                       **json.loads(args.extra))
+            train_s = time.time() - t0
+            run_bundle("evaluate.json", "evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
+                       output_dir=str(work / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"),
+                       report="false")
         model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
         label = np.asarray(nib.load(str(label_dir / "case.nii.gz")).dataobj) > 0
         fg = model_map > 0
-        maps = {"dnp_conformer": model_map, **baselines(test_dir / "case.nii.gz", label_dir / "case.nii.gz", fg, train_slabs)}
+        maps = {"dnp_conformer": model_map,
+                **baselines(test_dir / "case.nii.gz", label_dir / "case.nii.gz", fg, train_slabs, model_map=model_map)}
         results[tag] = {"train_seconds": train_s, "foreground_voxels": int(fg.sum()), "lesion_voxels": int((label & fg).sum())}
         for name, m in maps.items():
             acc = VolumeMetricAccumulator(axis=2)

@@ -1,7 +1,9 @@
 """The embedded default data: a small normal cohort and test volumes with synthetic lesions, made on first use.
 
-Sources (shipped in ``monai_dnprd/demo_data``, see its README for licences): three healthy adult T1 brains
-(IXI012, IXI015, "chris") and the MNI ICBM152 2009a template, all at 2 mm. From them, deterministically:
+Sources (shipped in ``monai_dnprd/demo_data``, see its README for licences): three healthy adult T1 heads
+(IXI012, IXI015, "chris") with their brain masks, and the MNI ICBM152 2009a template (brain only), all at 2 mm.
+The heads are skull-stripped with their masks first (brain anomaly detection works on the brain; the masks are
+made by ``tools/make_demo_brain_masks.py``). From them, deterministically:
 
 - ``normal_train/``: 12 normal volumes, 6 realistic random variants each of IXI012 and chris (rotation,
   scaling, translation, bias field, contrast, noise), on their own grids;
@@ -28,12 +30,12 @@ from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandBiasFi
 from monai_dnprd.io.writers import write_nifti
 from monai_dnprd.transforms.array import ForegroundMask, SyntheticLesion
 
-__all__ = ["demo_root", "prepare_demo_data", "demo_dirs", "SOURCE_DIR"]
+__all__ = ["demo_root", "prepare_demo_data", "demo_dirs", "write_lesion_test_set", "SOURCE_DIR"]
 
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "demo_data"
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 _TRAIN_SUBJECTS = ("IXI012-HH-1211_T1.nii.gz", "chris_t1_2mm.nii.gz")
 _VAL_SUBJECT = "mni152_2009a_t1_2mm.nii.gz"
 _TEST_SUBJECT = "IXI015-HH-1258_T1.nii.gz"
@@ -41,7 +43,9 @@ _VARIANTS_PER_TRAIN_SUBJECT = 6
 _VAL_VARIANTS = 2
 _TEST_LESION_KINDS = ("hyper", "hypo", "texture", "deform")
 _TEST_NORMALS = 2
-LESION_MIN_DEPTH_MM = 18.0  # the head mask includes scalp and skull: keep lesion centres inside the brain
+LESION_MIN_DEPTH_MM = 8.0  # lesion centres at least this deep inside the brain
+LESION_RADIUS_MM = (6.0, 18.0)
+LESION_COUNT = (1, 2)
 
 
 def demo_root() -> Path:
@@ -51,8 +55,13 @@ def demo_root() -> Path:
 
 
 def _load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A source volume and its affine, skull-stripped with its shipped brain mask when it has one."""
     img = nib.load(str(SOURCE_DIR / name))
-    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    mask_path = SOURCE_DIR / name.replace(".nii.gz", "_brainmask.nii.gz")
+    if mask_path.is_file():
+        data = data * (np.asarray(nib.load(str(mask_path)).dataobj) > 0)
+    return data, img.affine
 
 
 def _augmenter(seed: int) -> Compose:
@@ -74,12 +83,18 @@ def _variant(array: np.ndarray, affine: np.ndarray, seed: int) -> np.ndarray:
     """One augmented variant on the source grid, intensities rescaled to the source's range (uint8-like)."""
     hi = float(np.percentile(array, 99.9)) or 1.0
     x = MetaTensor(torch.from_numpy(array / hi)[None], affine=torch.as_tensor(affine))
-    y = _augmenter(seed)(x)
-    y = torch.as_tensor(y)[0].clamp_min(0).numpy() * hi
+    aug = _augmenter(seed)
+    for t in aug.transforms[:-1]:  # pose, bias field and contrast keep the background at 0
+        x = t(x)
+    support = torch.as_tensor(x) > 0
+    y = aug.transforms[-1](x)  # noise only inside the (skull-stripped) head or brain
+    y = (torch.as_tensor(y) * support)[0].clamp_min(0).numpy() * hi
     return y.astype(np.float32)
 
 
-def _insert_lesions(array: np.ndarray, affine: np.ndarray, kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _insert_lesions(
+    array: np.ndarray, affine: np.ndarray, kind: str, seed: int, radius_mm: tuple[float, float] = LESION_RADIUS_MM
+) -> tuple[np.ndarray, np.ndarray]:
     """Synthetic lesion of ``kind`` inserted in raw intensities; returns (volume, lesion mask)."""
     img = MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(affine))
     mask = ForegroundMask()(img).as_tensor() > 0
@@ -88,19 +103,40 @@ def _insert_lesions(array: np.ndarray, affine: np.ndarray, kind: str, seed: int)
     scale = max(float(hi - lo), 1e-6)
     norm = ((img.as_tensor() - lo) / scale).clamp(0, 1) * mask
     norm = MetaTensor(norm, affine=torch.as_tensor(affine))
-    # the demo heads come with skull, face and neck but no brain mask: lesions go deep inside the head and in its
-    # upper 85 mm (the cerebrum), where brain lesions occur
-    ijk = np.indices(array.shape).reshape(3, -1)
-    world_s = (affine[2, :3] @ ijk + affine[2, 3]).reshape(array.shape)
-    head = mask[0].numpy()
-    brain_region = head & (world_s > world_s[head].max() - 85.0)
-    mask = torch.from_numpy(brain_region)[None]
-    gen = SyntheticLesion(kinds=(kind,), num_lesions=(1, 2), radius_mm=(6.0, 18.0), min_depth_mm=LESION_MIN_DEPTH_MM)
+    gen = SyntheticLesion(kinds=(kind,), num_lesions=LESION_COUNT, radius_mm=radius_mm, min_depth_mm=LESION_MIN_DEPTH_MM)
     gen.set_random_state(seed)
     new, lesion = gen(norm, mask.to(torch.uint8))
     change = (torch.as_tensor(new) - torch.as_tensor(norm))[0].numpy() * scale
     out = np.clip(array + change, 0, None).astype(np.float32)
     return out, (torch.as_tensor(lesion)[0].numpy() > 0).astype(np.uint8)
+
+
+def write_lesion_test_set(
+    subject: str,
+    image_dir: Path,
+    label_dir: Path,
+    prefix: str,
+    first_seed: int,
+    lesion_seed: int = 1000,
+    radius_mm: tuple[float, float] | None = None,
+) -> None:
+    """Test volumes of one shipped subject: one variant per lesion kind (with its mask), then normal variants.
+
+    Used for the demo's test set and, with other subjects, seeds and radii, by ``bench/demo_lesion_probe.py``.
+    """
+    arr, aff = _load(subject)
+    radius = tuple(radius_mm) if radius_mm else LESION_RADIUS_MM
+    seed = first_seed
+    for i, kind in enumerate(_TEST_LESION_KINDS):
+        vol, lesion = _insert_lesions(_variant(arr, aff, seed), aff, kind, seed=lesion_seed + i, radius_mm=radius)
+        seed += 1
+        write_nifti(vol, aff, image_dir / f"{prefix}_{kind}.nii.gz")
+        write_nifti(lesion, aff, label_dir / f"{prefix}_{kind}.nii.gz", dtype=np.uint8)
+    for v in range(_TEST_NORMALS):
+        vol = _variant(arr, aff, seed)
+        seed += 1
+        write_nifti(vol, aff, image_dir / f"{prefix}_normal{v}.nii.gz")
+        write_nifti(np.zeros(vol.shape, np.uint8), aff, label_dir / f"{prefix}_normal{v}.nii.gz", dtype=np.uint8)
 
 
 def _fingerprint() -> str:
@@ -148,18 +184,6 @@ def prepare_demo_data(root: str | Path | None = None, force: bool = False) -> di
     for v in range(_VAL_VARIANTS):
         seed += 1
         write_nifti(_variant(arr, aff, seed), aff, dirs["val"] / f"mni152_v{v}.nii.gz")
-    arr, aff = _load(_TEST_SUBJECT)
-    for i, kind in enumerate(_TEST_LESION_KINDS):
-        seed += 1
-        base = _variant(arr, aff, seed)
-        vol, lesion = _insert_lesions(base, aff, kind, seed=1000 + i)
-        name = f"IXI015_{kind}"
-        write_nifti(vol, aff, dirs["test_images"] / f"{name}.nii.gz")
-        write_nifti(lesion, aff, dirs["test_labels"] / f"{name}.nii.gz", dtype=np.uint8)
-    for v in range(_TEST_NORMALS):
-        seed += 1
-        vol = _variant(arr, aff, seed)
-        write_nifti(vol, aff, dirs["test_images"] / f"IXI015_normal{v}.nii.gz")
-        write_nifti(np.zeros(vol.shape, np.uint8), aff, dirs["test_labels"] / f"IXI015_normal{v}.nii.gz", dtype=np.uint8)
+    write_lesion_test_set(_TEST_SUBJECT, dirs["test_images"], dirs["test_labels"], prefix="IXI015", first_seed=seed + 1)
     stamp.write_text(json.dumps({"fingerprint": fp, "version": DEMO_VERSION}))
     return dirs
