@@ -9,7 +9,8 @@ the chance level (the lesion fraction of the evaluated voxels), and the per-kind
     python bench/demo_lesion_probe.py --ckpt runs/demo/models/model.pt --subject IXI015-HH-1258_T1.nii.gz --radius 12 25
 
 Use a training subject to see detection in known anatomy (new scans of it: new pose, bias field, contrast and
-noise), the held-out subject for generalisation, larger radii for tumour-sized lesions. Writes OUT/metrics.json.
+noise), the held-out subject for generalisation, larger radii for tumour-sized lesions. Writes OUT/probe.json
+(the summary printed last) and OUT/eval/ (the evaluation's maps and metrics.json).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main() -> None:
                "voxel_auroc": m["voxel"]["auroc"], "voxel_ap": m["voxel"]["ap"], "chance_ap": chance,
                "voxel_best_dice": m["voxel"]["best_dice"], "slice_auroc": m["slice"]["auroc"],
                "per_kind_voxel_auroc": kinds, "lesion_voxels": counts["lesion_voxels"], "voxels": counts["voxels"]}
+    (out / "probe.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
 
