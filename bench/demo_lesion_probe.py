@@ -3,8 +3,10 @@
 Makes a test set like the demo's (one volume per lesion kind with its mask, plus normal variants) from one of
 the subjects in ``monai_dnprd/demo_data`` (skull-stripped like the demo), with chosen lesion radii and seeds,
 runs the bundle's evaluation workflow on it with the given model and prints the pooled voxel metrics next to
-the chance level (the lesion fraction of the evaluated voxels), and the per-kind voxel AUROC.
+the chance level (the lesion fraction of the evaluated voxels), the per-kind voxel AUROC, and simple intensity
+baselines on the same volumes and voxels.
 
+    python bench/demo_lesion_probe.py --ckpt runs/demo/models/model.pt --subject demo   # the demo test set
     python bench/demo_lesion_probe.py --ckpt runs/demo/models/model.pt --subject IXI012-HH-1211_T1.nii.gz
     python bench/demo_lesion_probe.py --ckpt runs/demo/models/model.pt --subject IXI015-HH-1258_T1.nii.gz --radius 12 25
 
@@ -20,13 +22,62 @@ import json
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import median_filter
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _normalised(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(x[fg], [0.5, 99.5])
+    return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def baseline_metrics(images: Path, labels: Path, maps: Path, train_dir: Path, seed: int = 0) -> dict[str, dict]:
+    """Pooled metrics of simple baselines on the probe's volumes, inside the model's foreground (map > 0).
+
+    ``intensity_abs_z_median3``: |z| of the intensity within the brain after a 3x3x3 median (two-sided, since
+    lesions are brighter or darker); ``normal_intensity_z``: |z| against the normalised intensities of the
+    normal training volumes; ``random``: uniform noise (chance).
+    """
+    from monai_dnprd.metrics import VolumeMetricAccumulator
+
+    train = []
+    for p in sorted(train_dir.glob("*.nii.gz")):
+        t = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+        train.append(_normalised(t, t > 0)[t > 0])
+    tv = np.concatenate(train)
+    accs = {k: VolumeMetricAccumulator() for k in ("intensity_abs_z_median3", "normal_intensity_z", "random")}
+    rng = np.random.default_rng(seed)
+    for path in sorted(images.glob("*.nii.gz")):
+        img = nib.load(str(path))
+        x = np.asarray(img.dataobj, dtype=np.float32)
+        fg = np.asarray(nib.load(str(maps / path.name)).dataobj) > 0
+        lab = np.asarray(nib.load(str(labels / path.name)).dataobj) > 0
+        axis = [c in "SI" for c in nib.aff2axcodes(img.affine)].index(True)
+        xn = _normalised(x, fg)
+        z = (xn - xn[fg].mean()) / max(float(xn[fg].std()), 1e-6)
+        candidates = {
+            "intensity_abs_z_median3": np.abs(median_filter(z, size=3)),
+            "normal_intensity_z": np.abs(xn - tv.mean()) / max(float(tv.std()), 1e-6),
+            "random": rng.random(x.shape, dtype=np.float32),
+        }
+        for k, m in candidates.items():
+            accs[k].add(path.name, np.where(fg, m, 0).astype(np.float32), label=lab, mask=fg, axis=axis)
+    out = {}
+    for k, acc in accs.items():
+        r = acc.compute()
+        out[k] = {"voxel_auroc": r["voxel"]["auroc"], "voxel_ap": r["voxel"]["ap"],
+                  "voxel_best_dice": r["voxel"]["best_dice"], "slice_auroc": r["slice"]["auroc"]}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="exported model (models/model.pt of a training run)")
-    ap.add_argument("--subject", default="IXI012-HH-1211_T1.nii.gz", help="file name in monai_dnprd/demo_data")
+    ap.add_argument("--subject", default="IXI012-HH-1211_T1.nii.gz",
+                    help="file name in monai_dnprd/demo_data, or 'demo' for the demo's own test volumes")
     ap.add_argument("--radius", type=float, nargs=2, default=None, metavar=("MIN_MM", "MAX_MM"),
                     help="lesion radius range in mm (default: the demo's)")
     ap.add_argument("--seed", type=int, default=500, help="first seed of the normal variants")
@@ -39,14 +90,18 @@ def main() -> None:
     from monai_dnprd import demo
 
     out = Path(args.out or tempfile.mkdtemp(prefix="probe_"))
-    images, labels = out / "images", out / "labels"
-    images.mkdir(parents=True, exist_ok=True)
-    labels.mkdir(exist_ok=True)
-    if not (demo.SOURCE_DIR / args.subject).is_file():
-        raise SystemExit(f"no subject {args.subject!r} in {demo.SOURCE_DIR}")
-    prefix = args.subject.split(".")[0]
-    demo.write_lesion_test_set(args.subject, images, labels, prefix=prefix, first_seed=args.seed,
-                               lesion_seed=args.lesion_seed, radius_mm=tuple(args.radius) if args.radius else None)
+    if args.subject == "demo":
+        dirs = demo.prepare_demo_data()
+        images, labels = dirs["test_images"], dirs["test_labels"]
+    else:
+        if not (demo.SOURCE_DIR / args.subject).is_file():
+            raise SystemExit(f"no subject {args.subject!r} in {demo.SOURCE_DIR}")
+        images, labels = out / "images", out / "labels"
+        images.mkdir(parents=True, exist_ok=True)
+        labels.mkdir(exist_ok=True)
+        demo.write_lesion_test_set(args.subject, images, labels, prefix=args.subject.split(".")[0],
+                                   first_seed=args.seed, lesion_seed=args.lesion_seed,
+                                   radius_mm=tuple(args.radius) if args.radius else None)
     configs = REPO / "bundle" / "configs"
     wf = ConfigWorkflow(config_file=str(configs / "evaluate.json"), workflow_type=None, run_id="evaluating",
                         meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
@@ -62,7 +117,8 @@ def main() -> None:
     summary = {"subject": args.subject, "radius_mm": args.radius or list(demo.LESION_RADIUS_MM),
                "voxel_auroc": m["voxel"]["auroc"], "voxel_ap": m["voxel"]["ap"], "chance_ap": chance,
                "voxel_best_dice": m["voxel"]["best_dice"], "slice_auroc": m["slice"]["auroc"],
-               "per_kind_voxel_auroc": kinds, "lesion_voxels": counts["lesion_voxels"], "voxels": counts["voxels"]}
+               "per_kind_voxel_auroc": kinds, "lesion_voxels": counts["lesion_voxels"], "voxels": counts["voxels"],
+               "baselines": baseline_metrics(images, labels, out / "eval", demo.prepare_demo_data()["train"])}
     (out / "probe.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
