@@ -70,6 +70,23 @@ def _no_data(ax, text: str = "not logged") -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="grey")
 
 
+def _plot_series(ax, log: dict[str, list[float]], keys: list[str], strip: int = 0, log_scale: bool = False,
+                 marker: str | None = None, empty: str = "not logged") -> None:
+    """One line per key (label = key minus its first `strip` characters); a log y axis for positive series."""
+    drawn = 0
+    for k in keys:
+        x, y = _series(log, k, positive=log_scale)
+        if x.size:
+            ax.plot(x, y, marker=marker or ("." if x.size < 30 else None), label=k[strip:])
+            drawn += 1
+    if not drawn:
+        _no_data(ax, empty)
+        return
+    if log_scale:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
 def _shade_warmup(ax, log: dict[str, list[float]]) -> None:
     """Grey band over the MIM warm-up iterations (records with stage == 0)."""
     x, st = _series(log, "stage")
@@ -85,17 +102,7 @@ def training_curves(log_path_or_dir: str | Path, title: str | None = None) -> Fi
     # losses
     ax = axes[0]
     _shade_warmup(ax, log)
-    drawn = 0
-    for k in _LOSS_KEYS:
-        x, y = _series(log, k, positive=True)
-        if x.size:
-            ax.plot(x, y, marker="." if x.size < 30 else None, label=k)
-            drawn += 1
-    if drawn:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    else:
-        _no_data(ax)
+    _plot_series(ax, log, list(_LOSS_KEYS), log_scale=True)
     ax.set_title("losses (grey: MIM warm-up)")
     # teacher spread
     ax = axes[1]
@@ -126,33 +133,13 @@ def training_curves(log_path_or_dir: str | Path, title: str | None = None) -> Fi
     ax.set_title("prototype usage")
     # learning rates
     ax = axes[3]
-    lr_keys = [k for k in log if k.startswith("lr_")]
-    drawn = 0
-    for k in lr_keys:
-        x, y = _series(log, k, positive=True)
-        if x.size:
-            ax.plot(x, y, marker="." if x.size < 30 else None, label=k[3:])
-            drawn += 1
-    if drawn:
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    else:
-        _no_data(ax)
+    _plot_series(ax, log, [k for k in log if k.startswith("lr_")], strip=3, log_scale=True)
     ax.set_title("learning rates")
     # validation metrics (two panels: voxel-level, then slice/volume-level)
     val_keys = [k for k in log if k.startswith("val_") and not k.endswith("_threshold")]
     groups = ([k for k in val_keys if "voxel" in k], [k for k in val_keys if "voxel" not in k])
     for ax, keys, name in zip(axes[4:], groups, ("validation: voxel metrics", "validation: slice/volume metrics")):
-        drawn = 0
-        for k in keys:
-            x, y = _series(log, k)
-            if x.size:
-                ax.plot(x, y, marker="o", label=k[4:])
-                drawn += 1
-        if drawn:
-            ax.legend(fontsize=8)
-        else:
-            _no_data(ax, "no validation yet")
+        _plot_series(ax, log, keys, strip=4, marker="o", empty="no validation yet")
         ax.set_title(name)
     for ax in axes:
         ax.set_xlabel("iteration")
