@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _normalised(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(x[fg], [0.5, 99.5])
-    return np.clip((x - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    """The pipeline's MRI normalisation (foreground percentiles 0.5-99.5 to [0, 1], 0 outside)."""
+    from monai_dnprd.transforms import NormalizeForeground
+
+    return np.asarray(NormalizeForeground()(x[None], fg[None]))[0]
 
 
 def baseline_metrics(images: Path, labels: Path, maps: Path, train_dir: Path, seed: int = 0) -> dict[str, dict]:
@@ -101,7 +103,7 @@ def main() -> None:
         labels.mkdir(exist_ok=True)
         demo.write_lesion_test_set(args.subject, images, labels, prefix=args.subject.split(".")[0],
                                    first_seed=args.seed, lesion_seed=args.lesion_seed,
-                                   radius_mm=tuple(args.radius) if args.radius else None)
+                                   radius_mm=tuple(args.radius) if args.radius else demo.LESION_RADIUS_MM)
     configs = REPO / "bundle" / "configs"
     wf = ConfigWorkflow(config_file=str(configs / "evaluate.json"), workflow_type=None, run_id="evaluating",
                         meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),

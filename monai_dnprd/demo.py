@@ -118,17 +118,16 @@ def write_lesion_test_set(
     prefix: str,
     first_seed: int,
     lesion_seed: int = 1000,
-    radius_mm: tuple[float, float] | None = None,
+    radius_mm: tuple[float, float] = LESION_RADIUS_MM,
 ) -> None:
     """Test volumes of one shipped subject: one variant per lesion kind (with its mask), then normal variants.
 
     Used for the demo's test set and, with other subjects, seeds and radii, by ``bench/demo_lesion_probe.py``.
     """
     arr, aff = _load(subject)
-    radius = tuple(radius_mm) if radius_mm else LESION_RADIUS_MM
     seed = first_seed
     for i, kind in enumerate(_TEST_LESION_KINDS):
-        vol, lesion = _insert_lesions(_variant(arr, aff, seed), aff, kind, seed=lesion_seed + i, radius_mm=radius)
+        vol, lesion = _insert_lesions(_variant(arr, aff, seed), aff, kind, seed=lesion_seed + i, radius_mm=radius_mm)
         seed += 1
         write_nifti(vol, aff, image_dir / f"{prefix}_{kind}.nii.gz")
         write_nifti(lesion, aff, label_dir / f"{prefix}_{kind}.nii.gz", dtype=np.uint8)
