@@ -16,7 +16,7 @@ import time
 import torch
 
 PRESETS = {
-    "default": dict(img_size=96, patch_size=8, vit="tiny", depth=6, batch_size=12),
+    "default": dict(img_size=96, patch_size=6, vit="tiny", depth=6, batch_size=12),
     "paper": dict(img_size=224, patch_size=14, vit="small", depth=12, batch_size=32),
 }
 

@@ -400,7 +400,8 @@ class VolumeMetricAccumulator:
     """Collects per-volume maps and labels and computes pooled and per-volume metrics (MOOD pools voxels over volumes).
 
     Only the voxels inside each mask are kept (float32 scores + packed label bits + region ids of the
-    lesion voxels), plus the slice scores/labels and the volume score.  ``compute`` pools voxels over
+    lesion voxels), plus the slice scores/labels of the slices that hold foreground (slices outside the
+    mask would count as easy normals and inflate the slice metrics of any map) and the volume score.  ``compute`` pools voxels over
     volumes; when ``max_pooled_voxels`` is set and exceeded, a uniform random subset of that size
     (``numpy.random.default_rng(seed)``, without replacement) is used for the pooled voxel metrics and
     AUPRO (regions are then sized by their sampled voxels) and ``counts["subsampled"]`` is True.
@@ -489,6 +490,9 @@ class VolumeMetricAccumulator:
         axis = self.axis if axis is None else axis
         sl_scores = slice_scores(m, msk, axis=axis, q=self.q)
         sl_labels = slice_labels(lesion, axis=axis, min_voxels=self.min_slice_voxels)
+        if msk is not None:  # a slice without foreground holds no prediction: leave it out of the slice metrics
+            has_fg = np.count_nonzero(_slices_2d(msk, axis), axis=1) > 0
+            sl_scores, sl_labels = sl_scores[has_fg], sl_labels[has_fg]
         n_les = int(np.count_nonzero(y))
         vs = float(volume_score) if volume_score is not None else _top_q_mean(s, self.q)
         normal = bool(n_les == 0) if is_normal is None else bool(is_normal)

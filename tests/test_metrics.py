@@ -297,8 +297,9 @@ def test_accumulator_pooled_and_per_volume_vs_sklearn():
     assert math.isnan(res["per_volume"]["nrm0"]["ap"]) and res["per_volume"]["nrm0"]["is_normal"]
     assert abs(v["mean_per_volume_ap"] - np.mean([per[f"abn{i}"]["ap"] for i in range(3)])) < 1e-12
     # slice level
-    sl_s = np.concatenate([slice_scores(m, k, q=0.05) for m, k in zip(maps, masks)])
-    sl_y = np.concatenate([slice_labels((lab != 0) & k) for lab, k in zip(labels, masks)])
+    fg = [k.reshape(-1, k.shape[-1]).any(0) for k in masks]  # only slices holding foreground are scored
+    sl_s = np.concatenate([slice_scores(m, k, q=0.05)[f] for m, k, f in zip(maps, masks, fg)])
+    sl_y = np.concatenate([slice_labels((lab != 0) & k)[f] for lab, k, f in zip(labels, masks, fg)])
     assert abs(res["slice"]["auroc"] - sklearn_metrics.roc_auc_score(sl_y, sl_s)) < TOL
     assert abs(res["slice"]["ap"] - sklearn_metrics.average_precision_score(sl_y, sl_s)) < TOL
     assert abs(res["slice"]["f1max"] - _sk_f1max(sl_s, sl_y)) < TOL
@@ -313,6 +314,25 @@ def test_accumulator_pooled_and_per_volume_vs_sklearn():
     assert c["lesion_voxels"] == int(y.sum())
     table = format_metrics_table(res)
     assert "aupro" in table and "voxel" in table and f"{v['ap']:.4f}" in table
+
+
+def test_slice_metrics_leave_out_slices_without_foreground():
+    """A map with no information (constant in the mask) has slice AUROC 0.5: empty slices are not easy normals."""
+    shape = (6, 6, 10)
+    msk = np.zeros(shape, dtype=bool)
+    msk[1:5, 1:5, 2:8] = True  # slices 0-1 and 8-9 hold no foreground
+    lab = np.zeros(shape, dtype=np.uint8)
+    lab[2:4, 2:4, 3:5] = 1
+    acc = VolumeMetricAccumulator(axis=-1)
+    acc.add("abn", np.where(msk, 1.0, 0.0), lab, msk)
+    acc.add("nrm", np.where(msk, 1.0, 0.0), None, msk)
+    res = acc.compute()
+    assert res["counts"]["slices"] == 12 and res["counts"]["abnormal_slices"] == 2
+    assert abs(res["slice"]["auroc"] - 0.5) < 1e-12
+    # without a mask every slice counts
+    acc = VolumeMetricAccumulator(axis=-1)
+    acc.add("abn", np.where(msk, 1.0, 0.0), lab)
+    assert acc.compute()["counts"]["slices"] == 10
 
 
 def test_accumulator_volume_metrics_need_both_classes():

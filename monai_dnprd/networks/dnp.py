@@ -126,7 +126,9 @@ class DNPConFormer(nn.Module):
         if vit not in VIT_PRESETS:
             raise ValueError(f"unknown vit preset {vit!r}; choose one of {sorted(VIT_PRESETS)}")
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+            raise ValueError(
+                f"img_size {img_size} must be a multiple of patch_size {patch_size} (change --img_size or --patch_size)"
+            )
         preset = VIT_PRESETS[vit]
         embed_dim = embed_dim or preset["embed_dim"]
         depth = depth or preset["depth"]
