@@ -401,10 +401,10 @@ class VolumeMetricAccumulator:
 
     Only the voxels inside each mask are kept (float32 scores + packed label bits + region ids of the
     lesion voxels), plus the slice scores/labels of the slices that hold foreground (slices outside the
-    mask would count as easy normals and inflate the slice metrics of any map) and the volume score.  ``compute`` pools voxels over
-    volumes; when ``max_pooled_voxels`` is set and exceeded, a uniform random subset of that size
-    (``numpy.random.default_rng(seed)``, without replacement) is used for the pooled voxel metrics and
-    AUPRO (regions are then sized by their sampled voxels) and ``counts["subsampled"]`` is True.
+    mask would count as easy normals and inflate the slice metrics of any map) and the volume score.
+    ``compute`` pools voxels over volumes; when ``max_pooled_voxels`` is set and exceeded, a uniform random
+    subset of that size (``numpy.random.default_rng(seed)``, without replacement) is used for the pooled voxel
+    metrics and AUPRO (regions are then sized by their sampled voxels) and ``counts["subsampled"]`` is True.
     ``threshold`` (optional) is the fixed threshold for the pooled ``dice_at_threshold``; when it is
     None and every ``add`` call that passed a threshold passed the same one, that one is used.
     """

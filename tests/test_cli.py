@@ -16,7 +16,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--img_size", "32", "--patch_size", "8", "--depth", "2", "--batch_size", "4", "--samples_per_volume", "2", "--log_interval", "1"]
+SMALL = ["--img_size", "32", "--patch_size", "8", "--depth", "2", "--batch_size", "4", "--samples_per_volume", "2",
+         "--log_interval", "1"]
 
 
 def bundle_run(*args: str, env: dict | None = None, launcher: list[str] | None = None, timeout: int = 600):

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 
 TOTAL = 250  # iterations: ~15 s of training on 2 busy cores at these sizes
 CKPT = 10
-SMALL = ["--img_size", "32", "--patch_size", "8", "--depth", "2", "--batch_size", "4", "--samples_per_volume", "2", "--log_interval", "1",
-         "--num_workers", "0"]
+SMALL = ["--img_size", "32", "--patch_size", "8", "--depth", "2", "--batch_size", "4", "--samples_per_volume", "2",
+         "--log_interval", "1", "--num_workers", "0"]
 TEMP_GLOB = ".*.tmp*"  # hidden temporary files of the atomic writers (.name.<random>.tmp[.suffix])
 
 
