@@ -12,11 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
+_TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"
+_MODEL_KEYS = ("img_size", "patch_size", "vit", "depth", "batch_size")
+
+
+def _default_preset() -> dict:
+    """The model keys of the bundle's training config, so the benchmark follows the shipped defaults."""
+    cfg = json.loads(_TRAIN_CONFIG.read_text())
+    return {k: cfg[k] for k in _MODEL_KEYS}
+
+
 PRESETS = {
-    "default": dict(img_size=96, patch_size=6, vit="tiny", depth=6, batch_size=12),
+    "default": _default_preset(),
     "paper": dict(img_size=224, patch_size=14, vit="small", depth=12, batch_size=32),
 }
 
