@@ -57,3 +57,16 @@ def test_preprocessing_round_trip_with_optional_resampling(spacing):
     assert tuple(out["pred"].shape[1:]) == (120, 120, 90)
     np.testing.assert_allclose(np.asarray(out["pred"].affine), np.asarray(d["image"].meta["original_affine"]), atol=1e-4)
     assert torch.isfinite(torch.as_tensor(out["pred"])).all()
+
+
+def test_every_training_option_is_documented_in_the_bundle_readme():
+    """Each user-facing key of train.json (a plain value, not an expression or a section) has a row in the docs."""
+    config = json.loads((CONFIGS / "train.json").read_text())
+    docs = (BUNDLE / "docs" / "README.md").read_text()
+    workflow_keys = {"imports", "bundle_root", "run"}
+    expression = ("$", "@", "%")
+    options = [k for k, v in config.items() if k not in workflow_keys and not isinstance(v, (dict, list))
+               and not (isinstance(v, str) and v.startswith(expression))]
+    assert len(options) > 30
+    undocumented = [k for k in options if f"`{k}`" not in docs]
+    assert not undocumented, f"options of train.json missing from bundle/docs/README.md: {undocumented}"
