@@ -30,6 +30,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from monai_dnprd.engines.evaluator import axial_axis
+
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("hyper", "texture", "hypo", "deform")
 
@@ -45,13 +47,13 @@ def _bundle(command: str, config: str, **overrides: object) -> None:
 
 def end_slice_share(map_path: Path, end_fraction: float = 0.3, q: float = 0.01) -> float:
     """Share of the top ``q`` of a map's foreground values lying in axial slices with a small brain area."""
-    img = nib.as_closest_canonical(nib.load(str(map_path)))
-    m = np.asarray(img.dataobj, dtype=np.float32)
+    img = nib.load(str(map_path))
+    m = np.moveaxis(np.asarray(img.dataobj, dtype=np.float32), axial_axis(img.affine), -1)
     fg = m > 0  # the written maps are 0 outside the foreground
     area = fg.sum((0, 1))
     small = area < end_fraction * area.max()
     top = (m >= np.quantile(m[fg], 1.0 - q)) & fg
-    return float(top[:, :, small].sum() / max(top.sum(), 1))
+    return float(top[..., small].sum() / max(top.sum(), 1))
 
 
 def summarise_seed(run_dir: Path, train_seconds: float | None) -> dict:
