@@ -1,0 +1,163 @@
+"""Is the representation or the decoder the limit? Score the test set by nearest normal teacher features.
+
+The DNP map is the decoder's reconstruction error on the teacher's features. This probe scores the same
+teacher features without the decoder: each token's distance to its nearest neighbour in a bank of teacher
+tokens from normal volumes (1 - the largest cosine, per feature group, averaged over the groups; PatchCore's
+score with k = 1). The map is then upsampled, blurred, inverted and evaluated exactly like the model's own map
+(the bundle's evaluation workflow, only the slice maps differ), and both are printed side by side.
+
+    python bench/teacher_knn_probe.py --ckpt runs/demo/models/model.pt       # the demo: bank = its training data
+    python bench/teacher_knn_probe.py --ckpt RUN/train/models/model.pt --bank RUN/normal \\
+        --input_dir RUN/test --label_dir RUN/labels                          # a bench/tcga_protocol.py run
+    python bench/teacher_knn_probe.py --ckpt WARM/models/model.pt --student  # a warm-up-only run (see --student)
+
+The last form measures the masked-image warm-up on its own, in a quarter of the time of a full run: train with
+``--num_iterations N --warmup_iterations N --val_interval 100000`` (the first N iterations are then those of a
+full run with warm-up N) and score the student's features.
+
+Where the nearest-neighbour score beats the model's map, the teacher features separate the lesions and the
+decoder is what loses them; where it does not, the features themselves are the limit (or the normal data do
+not cover the test anatomy, which hurts a nearest-neighbour score most). Writes OUT/knn/ and OUT/dnp/ (each
+an evaluation folder with metrics.json) and OUT/probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundle" / "configs"
+
+
+def _workflow(ckpt: str, out: Path, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(config_file=str(CONFIGS / "evaluate.json"), workflow_type=None, run_id="evaluating",
+                          meta_file=str(CONFIGS / "metadata.json"), logging_file=str(CONFIGS / "logging.conf"),
+                          bundle_root=str(REPO / "bundle"), ckpt_path=ckpt, output_dir=str(out), report="false",
+                          **overrides)
+
+
+def teacher_bank(wf, files: list[str], size: int, seed: int = 0) -> list[torch.Tensor]:
+    """L2-normalised teacher tokens per feature group over all foreground slices of ``files``, subsampled to ``size``."""
+    from monai_dnprd.transforms.array import gather_slice_stacks
+
+    network = wf.parser.get_parsed_content("network")
+    inferer = wf.parser.get_parsed_content("inferer")
+    preprocessing = wf.parser.get_parsed_content("preprocessing")
+    k = wf.parser.get_parsed_content("params")["k"]
+    banks: list[list[torch.Tensor]] = []
+    network.eval()
+    with torch.inference_mode():
+        for f in files:
+            d = preprocessing({"image": f})
+            vol, mask = d["image"].as_tensor().float(), d["mask"].as_tensor().bool()
+            idx = torch.nonzero(mask[0].reshape(-1, mask.shape[-1]).any(0)).flatten()
+            for start in range(0, idx.numel(), inferer.batch_size):
+                out = network(inferer.resize(gather_slice_stacks(vol, idx[start : start + inferer.batch_size], k)))
+                for g, t in enumerate(out.targets):
+                    if len(banks) <= g:
+                        banks.append([])
+                    banks[g].append(F.normalize(t.flatten(2).transpose(1, 2).reshape(-1, t.shape[1]), dim=-1))
+    cat = [torch.cat(b) for b in banks]
+    keep = torch.randperm(cat[0].shape[0], generator=torch.Generator().manual_seed(seed))[:size]
+    return [b[keep] for b in cat]
+
+
+def knn_inferer(base, bank: list[torch.Tensor], chunk: int = 4096):
+    """A copy of the workflow's inferer whose slice maps are nearest-neighbour distances to ``bank``."""
+    from monai_dnprd.anomaly_map import gaussian_blur2d
+    from monai_dnprd.inferer import DNPVolumeInferer
+
+    class KNNInferer(DNPVolumeInferer):
+        def slice_maps(self, network, stack, out_size):
+            out = network(self.resize(stack))
+            maps = []
+            for t, b in zip(out.targets, bank):
+                n, c, h, w = t.shape
+                tok = F.normalize(t.float().flatten(2).transpose(1, 2).reshape(-1, c), dim=-1)
+                best = torch.cat([(part @ b.T).amax(1) for part in tok.split(chunk)])
+                d = (1.0 - best).reshape(n, 1, h, w)
+                maps.append(F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=False))
+            return gaussian_blur2d(torch.stack(maps).mean(0), self.sigma * max(out_size) / self.img_size).cpu()
+
+    return KNNInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
+
+
+def summary(metrics_path: Path) -> dict:
+    m = json.loads(metrics_path.read_text())
+    chance = m["counts"]["lesion_voxels"] / max(m["counts"]["voxels"], 1)
+    kinds = {k: round(v["auroc"], 3) for k, v in m["per_volume"].items() if v["n_lesion_voxels"]}
+    return {"voxel_auroc": m["voxel"]["auroc"], "voxel_ap": m["voxel"]["ap"], "chance_ap": chance,
+            "ap_x_chance": m["voxel"]["ap"] / chance if chance else float("nan"),
+            "voxel_best_dice": m["voxel"]["best_dice"], "slice_auroc": m["slice"]["auroc"], "per_volume_auroc": kinds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="exported model (models/model.pt of a training run)")
+    ap.add_argument("--bank", default=None, help="folder of normal volumes for the bank (default: the demo's training data)")
+    ap.add_argument("--input_dir", default=None, help="test volumes (default: the demo's)")
+    ap.add_argument("--label_dir", default=None, help="their lesion masks (default: the demo's)")
+    ap.add_argument("--bank_size", type=int, default=40000, help="tokens kept in the bank (random subset)")
+    ap.add_argument("--student", action="store_true",
+                    help="score the student encoder's features instead of the teacher's (for a run stopped at the end "
+                         "of the warm-up, e.g. --num_iterations N --warmup_iterations N: its teacher is still random)")
+    ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    from monai_dnprd import demo
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="knn_probe_"))
+    if args.bank is None or args.input_dir is None:
+        dirs = demo.prepare_demo_data()
+    bank_dir = Path(args.bank) if args.bank else dirs["train"]
+    data = {"input_dir": args.input_dir or str(dirs["test_images"]), "label_dir": args.label_dir or str(dirs["test_labels"])}
+    files = sorted(str(p) for p in bank_dir.rglob("*.nii*"))
+    if not files:
+        raise SystemExit(f"no NIfTI volumes in {bank_dir}")
+
+    results = {}
+    if args.student:  # the teacher becomes a copy of the student; the decoder's map means nothing then
+        from monai_dnprd.checkpoint import load_model
+        from monai_dnprd.networks.ema import ema_update
+
+        network = load_model(args.ckpt)[0]
+        ema_update(network.teacher, network.encoder, beta=0.0)
+        data["network"] = network
+    else:
+        wf = _workflow(args.ckpt, out / "dnp", **data)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        results["dnp"] = summary(out / "dnp" / "metrics.json")
+
+    wf = _workflow(args.ckpt, out / "knn", **data)
+    wf.initialize()
+    bank = teacher_bank(wf, files, args.bank_size)
+    wf.finalize()
+    inferer = knn_inferer(wf.parser.get_parsed_content("inferer"), bank)
+    wf = _workflow(args.ckpt, out / "knn", inferer=inferer, **data)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    results["knn"] = summary(out / "knn" / "metrics.json")
+    results["bank"] = {"folder": str(bank_dir), "volumes": len(files), "tokens": int(bank[0].shape[0])}
+    (out / "probe.json").write_text(json.dumps(results, indent=1))
+    for name in ("dnp", "knn"):
+        if name not in results:
+            continue
+        r = results[name]
+        print(f"{name}: voxel AUROC {r['voxel_auroc']:.3f}  AP {r['voxel_ap']:.4f} ({r['ap_x_chance']:.1f}x chance "
+              f"{r['chance_ap']:.4f})  best Dice {r['voxel_best_dice']:.3f}  slice AUROC {r['slice_auroc']:.3f}  "
+              f"per volume {r['per_volume_auroc']}")
+
+
+if __name__ == "__main__":
+    main()
