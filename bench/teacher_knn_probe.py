@@ -44,8 +44,9 @@ def _workflow(ckpt: str, out: Path, **overrides):
                           **overrides)
 
 
-def teacher_bank(wf, files: list[str], size: int, seed: int = 0) -> list[torch.Tensor]:
-    """L2-normalised teacher tokens per feature group over all foreground slices of ``files``, subsampled to ``size``."""
+def teacher_bank(wf, volumes: list[dict], size: int, seed: int = 0) -> list[torch.Tensor]:
+    """L2-normalised teacher tokens per feature group over all foreground slices of ``volumes`` (datalist entries
+    of ``monai_dnprd.io.find_volumes``), subsampled at random to ``size``."""
     from monai_dnprd.transforms.array import gather_slice_stacks
 
     network = wf.parser.get_parsed_content("network")
@@ -55,8 +56,8 @@ def teacher_bank(wf, files: list[str], size: int, seed: int = 0) -> list[torch.T
     banks: list[list[torch.Tensor]] = []
     network.eval()
     with torch.inference_mode():
-        for f in files:
-            d = preprocessing({"image": f})
+        for entry in volumes:
+            d = preprocessing(dict(entry))
             vol, mask = d["image"].as_tensor().float(), d["mask"].as_tensor().bool()
             idx = torch.nonzero(mask[0].reshape(-1, mask.shape[-1]).any(0)).flatten()
             for start in range(0, idx.numel(), inferer.batch_size):
@@ -113,15 +114,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from monai_dnprd import demo
+    from monai_dnprd.io import find_volumes
 
     out = Path(args.out or tempfile.mkdtemp(prefix="knn_probe_"))
     if args.bank is None or args.input_dir is None:
         dirs = demo.prepare_demo_data()
     bank_dir = Path(args.bank) if args.bank else dirs["train"]
     data = {"input_dir": args.input_dir or str(dirs["test_images"]), "label_dir": args.label_dir or str(dirs["test_labels"])}
-    files = sorted(str(p) for p in bank_dir.rglob("*.nii*"))
-    if not files:
-        raise SystemExit(f"no NIfTI volumes in {bank_dir}")
+    volumes, problems = find_volumes(bank_dir)
+    if problems or not volumes:
+        raise SystemExit(f"bank folder {bank_dir}: " + ("; ".join(map(str, problems)) or "no volumes found"))
 
     results = {}
     if args.student:  # the teacher becomes a copy of the student; the decoder's map means nothing then
@@ -140,7 +142,7 @@ def main() -> None:
 
     wf = _workflow(args.ckpt, out / "knn", **data)
     wf.initialize()
-    bank = teacher_bank(wf, files, args.bank_size)
+    bank = teacher_bank(wf, volumes, args.bank_size)
     wf.finalize()
     inferer = knn_inferer(wf.parser.get_parsed_content("inferer"), bank)
     wf = _workflow(args.ckpt, out / "knn", inferer=inferer, **data)
@@ -148,7 +150,7 @@ def main() -> None:
     wf.run()
     wf.finalize()
     results["knn"] = summary(out / "knn" / "metrics.json")
-    results["bank"] = {"folder": str(bank_dir), "volumes": len(files), "tokens": int(bank[0].shape[0])}
+    results["bank"] = {"folder": str(bank_dir), "volumes": len(volumes), "tokens": int(bank[0].shape[0])}
     (out / "probe.json").write_text(json.dumps(results, indent=1))
     for name in ("dnp", "knn"):
         if name not in results:
