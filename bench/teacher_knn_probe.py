@@ -17,8 +17,10 @@ full run with warm-up N) and score the student's features.
 
 Where the nearest-neighbour score beats the model's map, the teacher features separate the lesions and the
 decoder is what loses them; where it does not, the features themselves are the limit (or the normal data do
-not cover the test anatomy, which hurts a nearest-neighbour score most). Writes OUT/knn/ and OUT/dnp/ (each
-an evaluation folder with metrics.json) and OUT/probe.json.
+not cover the test anatomy, which hurts a nearest-neighbour score most). ``--gauss`` adds a third score, the
+Mahalanobis distance of each teacher token to one Gaussian fitted on all normal tokens (a global density
+model; it ignores where in the image a token lies). Writes OUT/knn/, OUT/dnp/ and with ``--gauss`` OUT/gauss/
+(each an evaluation folder with metrics.json) and OUT/probe.json.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ def _workflow(ckpt: str, out: Path, **overrides):
                           **overrides)
 
 
-def teacher_bank(wf, volumes: list[dict], size: int, seed: int = 0) -> list[torch.Tensor]:
-    """L2-normalised teacher tokens per feature group over all foreground slices of ``volumes`` (datalist entries
-    of ``monai_dnprd.io.find_volumes``), subsampled at random to ``size``."""
+def teacher_tokens(wf, volumes: list[dict]) -> list[torch.Tensor]:
+    """Teacher tokens ``(n, C)`` per feature group over all foreground slices of ``volumes`` (datalist entries of
+    ``monai_dnprd.io.find_volumes``)."""
     from monai_dnprd.transforms.array import gather_slice_stacks
 
     network = wf.parser.get_parsed_content("network")
@@ -65,10 +67,28 @@ def teacher_bank(wf, volumes: list[dict], size: int, seed: int = 0) -> list[torc
                 for g, t in enumerate(out.targets):
                     if len(banks) <= g:
                         banks.append([])
-                    banks[g].append(F.normalize(t.flatten(2).transpose(1, 2).reshape(-1, t.shape[1]), dim=-1))
-    cat = [torch.cat(b) for b in banks]
-    keep = torch.randperm(cat[0].shape[0], generator=torch.Generator().manual_seed(seed))[:size]
-    return [b[keep] for b in cat]
+                    banks[g].append(t.float().flatten(2).transpose(1, 2).reshape(-1, t.shape[1]))
+    return [torch.cat(b) for b in banks]
+
+
+def knn_bank(tokens: list[torch.Tensor], size: int, seed: int = 0) -> list[torch.Tensor]:
+    """A random subset of ``size`` tokens per group, L2-normalised (the nearest-neighbour bank)."""
+    keep = torch.randperm(tokens[0].shape[0], generator=torch.Generator().manual_seed(seed))[:size]
+    return [F.normalize(t[keep], dim=-1) for t in tokens]
+
+
+def gaussian_fit(tokens: list[torch.Tensor], shrinkage: float = 1e-3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per group: mean and a whitening matrix ``L`` (``L L^T`` = inverse covariance, shrunk toward a scaled
+    identity), so that ``||(x - mean) @ L||`` is the Mahalanobis distance to the normal tokens."""
+    fits = []
+    for t in tokens:
+        x = t.double()
+        mean = x.mean(0)
+        cov = torch.cov(x.T)
+        c = cov.shape[0]
+        cov = cov + shrinkage * cov.trace() / c * torch.eye(c, dtype=cov.dtype)
+        fits.append((mean.float(), torch.linalg.cholesky(torch.linalg.inv(cov)).float()))
+    return fits
 
 
 def knn_inferer(base, bank: list[torch.Tensor], chunk: int = 4096):
@@ -91,6 +111,25 @@ def knn_inferer(base, bank: list[torch.Tensor], chunk: int = 4096):
     return KNNInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
 
 
+def gauss_inferer(base, fits: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A copy of the workflow's inferer whose slice maps are Mahalanobis distances to the normal Gaussian."""
+    from monai_dnprd.anomaly_map import gaussian_blur2d
+    from monai_dnprd.inferer import DNPVolumeInferer
+
+    class GaussInferer(DNPVolumeInferer):
+        def slice_maps(self, network, stack, out_size):
+            out = network(self.resize(stack))
+            maps = []
+            for t, (mean, whiten) in zip(out.targets, fits):
+                n, c, h, w = t.shape
+                tok = t.float().flatten(2).transpose(1, 2).reshape(-1, c)
+                d = ((tok - mean) @ whiten).norm(dim=1).reshape(n, 1, h, w)
+                maps.append(F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=False))
+            return gaussian_blur2d(torch.stack(maps).mean(0), self.sigma * max(out_size) / self.img_size).cpu()
+
+    return GaussInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
+
+
 def summary(metrics_path: Path) -> dict:
     m = json.loads(metrics_path.read_text())
     chance = m["counts"]["lesion_voxels"] / max(m["counts"]["voxels"], 1)
@@ -110,6 +149,9 @@ def main() -> None:
     ap.add_argument("--student", action="store_true",
                     help="score the student encoder's features instead of the teacher's (for a run stopped at the end "
                          "of the warm-up, e.g. --num_iterations N --warmup_iterations N: its teacher is still random)")
+    ap.add_argument("--gauss", action="store_true",
+                    help="also score each teacher token by its Mahalanobis distance to a Gaussian fitted on all bank "
+                         "tokens (mean and covariance per feature group; a density score instead of a neighbour one)")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args()
 
@@ -142,17 +184,23 @@ def main() -> None:
 
     wf = _workflow(args.ckpt, out / "knn", **data)
     wf.initialize()
-    bank = teacher_bank(wf, volumes, args.bank_size)
+    tokens = teacher_tokens(wf, volumes)
     wf.finalize()
-    inferer = knn_inferer(wf.parser.get_parsed_content("inferer"), bank)
-    wf = _workflow(args.ckpt, out / "knn", inferer=inferer, **data)
-    wf.initialize()
-    wf.run()
-    wf.finalize()
-    results["knn"] = summary(out / "knn" / "metrics.json")
+    base = wf.parser.get_parsed_content("inferer")
+    bank = knn_bank(tokens, args.bank_size)
+    scorers = {"knn": knn_inferer(base, bank)}
+    if args.gauss:
+        scorers["gauss"] = gauss_inferer(base, gaussian_fit(tokens))
+    del tokens
+    for name, inferer in scorers.items():
+        wf = _workflow(args.ckpt, out / name, inferer=inferer, **data)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        results[name] = summary(out / name / "metrics.json")
     results["bank"] = {"folder": str(bank_dir), "volumes": len(volumes), "tokens": int(bank[0].shape[0])}
     (out / "probe.json").write_text(json.dumps(results, indent=1))
-    for name in ("dnp", "knn"):
+    for name in ("dnp", "knn", "gauss"):
         if name not in results:
             continue
         r = results[name]

@@ -16,6 +16,7 @@ __all__ = [
     "top_percent_score",
     "prototype_usage",
     "feature_spread",
+    "group_feature_spread",
 ]
 
 
@@ -120,3 +121,12 @@ def feature_spread(features: Tensor) -> Tensor:
     if flat.shape[0] < 2:
         return flat.new_zeros(())
     return flat.float().std(0).mean()
+
+
+def group_feature_spread(features: Sequence[Tensor]) -> Tensor:
+    """``feature_spread`` over all channels of several (B, C, h, w) group maps (the teacher-spread monitor).
+
+    The groups are joined along channels, so the spread is taken across tokens for each channel; a constant
+    offset per channel (or per group) does not count as spread.
+    """
+    return feature_spread(torch.cat(list(features), 1))

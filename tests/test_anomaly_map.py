@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from monai_dnprd.anomaly_map import (
     feature_spread,
+    group_feature_spread,
     gaussian_blur1d,
     gaussian_blur2d,
     prototype_usage,
@@ -131,6 +132,15 @@ def test_prototype_usage():
     a = torch.tensor([[0, 0, 2], [2, 2, 5]])
     assert prototype_usage(a, 6).tolist() == [2, 0, 3, 0, 0, 1]
     assert prototype_usage(torch.zeros(0, dtype=torch.long), 3).tolist() == [0, 0, 0]
+
+
+def test_group_feature_spread_is_across_tokens_per_channel():
+    # features constant over tokens but different per channel and group: no spread (a per-channel offset is
+    # not spread; the monitor once joined the groups in token layout and counted exactly that)
+    groups = [torch.arange(8.0).view(1, 8, 1, 1).expand(2, 8, 3, 3) * (g + 1) for g in range(2)]
+    assert group_feature_spread(groups).item() == 0.0
+    x = [torch.randn(3, 8, 4, 4), 2.0 * torch.randn(3, 8, 4, 4) + 5.0]
+    torch.testing.assert_close(group_feature_spread(x), (feature_spread(x[0]) + feature_spread(x[1])) / 2)
 
 
 def test_feature_spread():

@@ -16,7 +16,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from monai_dnprd.anomaly_map import feature_spread, prototype_usage
+from monai_dnprd.anomaly_map import group_feature_spread, prototype_usage
 from monai_dnprd.distributed import average_gradients, is_distributed
 from monai_dnprd.networks.ema import ema_update
 from monai_dnprd.networks.mim import mim_loss
@@ -104,7 +104,7 @@ class DNPTrainer(SupervisedTrainer):
                 loss = losses["loss"]
                 stats.update({k: float(v.detach()) for k, v in losses.items() if k != "loss"})
                 with torch.no_grad():
-                    stats["teacher_spread"] = float(feature_spread(torch.cat([t.flatten(2) for t in out.targets], 1)))
+                    stats["teacher_spread"] = float(group_feature_spread(out.targets))
                     usage = prototype_usage(out.assignments, out.prototypes.shape[1]).float()
                     stats["prototypes_used"] = float((usage > 0).sum())
                     stats["prototype_max_share"] = float(usage.max() / usage.sum().clamp_min(1))
