@@ -86,7 +86,7 @@ def train_tiny(work: Path, step: int) -> Path:
         arr, aff = downsampled(name, step)
         nib.save(nib.Nifti1Image(arr, aff), str((val if i == len(BRAINS) - 1 else train) / name))
     run_workflow("train.json", "training", output_dir=str(work / "model"), dataset_dir=str(train), val_dir=str(val),
-                 num_iterations=4, warmup_iterations=2, val_interval=4, ckpt_interval=4, img_size=32, depth=2,
+                 num_iterations=4, warmup_iterations=2, val_interval=4, ckpt_interval=4, img_size=32, patch_size=8, depth=2,
                  batch_size=4, samples_per_volume=2, num_workers=0, log_interval=10)
     return work / "model" / "models" / "model.pt"
 

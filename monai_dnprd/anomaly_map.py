@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -12,6 +13,8 @@ __all__ = [
     "gaussian_kernel1d",
     "gaussian_blur1d",
     "gaussian_blur2d",
+    "upsample_blur_matrix",
+    "upsample_blur",
     "slice_anomaly_map",
     "top_percent_score",
     "prototype_usage",
@@ -37,6 +40,17 @@ def gaussian_blur1d(x: Tensor, sigma: float, dim: int) -> Tensor:
         return x
     radius = min(int(4.0 * sigma + 0.5), n - 1)  # reflect padding needs pad < length
     k = gaussian_kernel1d(sigma, radius, x.dtype if x.is_floating_point() else torch.float32, x.device)
+    if dim % x.dim() != x.dim() - 1:
+        # along a leading dim (e.g. z of a slice-major (Z, H, W) stack): a weighted sum of shifted views of the
+        # reflect-padded input, which avoids moving the axis last and back (two full copies of a large volume)
+        xf = x if x.is_floating_point() else x.to(k.dtype)
+        left = torch.arange(radius, 0, -1, device=x.device)  # reflect padding, as F.pad(mode="reflect")
+        right = torch.arange(n - 2, n - 2 - radius, -1, device=x.device)
+        xp = torch.cat([xf.index_select(dim, left), xf, xf.index_select(dim, right)], dim)
+        out = torch.zeros_like(xf, dtype=k.dtype)
+        for j, w in enumerate(k.tolist()):
+            out.add_(xp.narrow(dim, j, n), alpha=w)
+        return out
     y = x.movedim(dim, -1)
     shape = y.shape
     y = y.reshape(-1, 1, n).to(k.dtype)
@@ -53,17 +67,46 @@ def gaussian_blur2d(x: Tensor, sigma: float) -> Tensor:
     return gaussian_blur1d(gaussian_blur1d(x, sigma, -1), sigma, -2)
 
 
+@functools.lru_cache(maxsize=64)
+def _upsample_blur_matrix64(n_in: int, n_out: int, sigma: float) -> Tensor:
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # n_in unit signals of length n_in
+    up = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)  # (n_in, 1, n_out)
+    return gaussian_blur1d(up, sigma, dim=-1)[:, 0, :].T.contiguous()  # (n_out, n_in)
+
+
+def upsample_blur_matrix(n_in: int, n_out: int, sigma: float, dtype: torch.dtype = torch.float32,
+                         device: torch.device | str | None = None) -> Tensor:
+    """(n_out, n_in) matrix of 1D linear upsampling (``align_corners=False``) followed by ``gaussian_blur1d``.
+
+    Both steps are linear and act on one axis, so a whole 2D upsample-and-blur is two small matrix products.
+    """
+    return _upsample_blur_matrix64(int(n_in), int(n_out), float(sigma)).to(dtype=dtype, device=device)
+
+
+def upsample_blur(maps: Tensor, out_size: tuple[int, int], sigma: float) -> Tensor:
+    """Bilinear upsampling of (..., h, w) maps to ``out_size`` then a Gaussian blur, as ``K_h @ m @ K_w^T``.
+
+    Equal to ``gaussian_blur2d(F.interpolate(m, out_size, mode="bilinear"), sigma)`` (same reflect padding) but
+    costs O(H w h + H W w) per map instead of a (4 sigma)-tap convolution over every output pixel.
+    """
+    h, w = maps.shape[-2:]
+    dtype = maps.dtype if maps.is_floating_point() else torch.float32
+    kh = upsample_blur_matrix(h, out_size[0], sigma, dtype, maps.device)
+    kw = upsample_blur_matrix(w, out_size[1], sigma, dtype, maps.device)
+    return kh @ maps.to(dtype) @ kw.T
+
+
 def slice_anomaly_map(
     targets: Sequence[Tensor], recons: Sequence[Tensor], out_size: tuple[int, int], sigma: float = 4.0
 ) -> Tensor:
-    """Per group 1 - channel cosine on the token grid, bilinear upsample, mean over groups, blur -> (B, 1, H, W)."""
+    """Per group 1 - channel cosine on the token grid, bilinear upsample, mean over groups, blur -> (B, 1, H, W).
+
+    The mean over groups is taken on the token grid (upsampling is linear, so the order does not matter).
+    """
     if len(targets) != len(recons) or not targets:
         raise ValueError("need the same non-zero number of targets and recons")
-    maps = []
-    for a, b in zip(targets, recons):
-        d = 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1).unsqueeze(1)
-        maps.append(F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=False))
-    return gaussian_blur2d(torch.stack(maps).mean(0), sigma)
+    d = torch.stack([1.0 - F.cosine_similarity(a.float(), b.float(), dim=1) for a, b in zip(targets, recons)])
+    return upsample_blur(d.mean(0), tuple(out_size), sigma).unsqueeze(1)
 
 
 def top_percent_score(

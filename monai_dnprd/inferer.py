@@ -78,19 +78,22 @@ class DNPVolumeInferer(Inferer):
         fg = torch.as_tensor(mask).bool()[0] if mask is not None else None
         keep = fg.movedim(ax, 0).reshape(depth, -1).any(1) if fg is not None else torch.ones(depth, dtype=torch.bool)
         idx = torch.nonzero(keep).flatten()
-        out = torch.zeros(spatial, dtype=torch.float32)
-        out_slices = torch.movedim(out, ax, 0)  # (Z, H, W) view: slice maps are written straight into the volume
+        # slice-major copies (Z, H, W): gathering the 2.5D stacks, writing the slice maps and smoothing along z
+        # then touch contiguous memory; the map goes back to the volume's axis order once, at the end
+        vol_s = torch.movedim(vol, 1 + ax, 1).contiguous()
+        out_s = torch.zeros((depth, *inplane), dtype=torch.float32)
         with torch.inference_mode():
             # 2.5D stacks are gathered batch by batch, never for the whole volume at once (memory ~ one batch)
             for start in range(0, idx.numel(), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
-                stack = gather_slice_stacks(vol, chunk, self.k, axis=ax)
-                out_slices[chunk] = self.slice_maps(network, stack, inplane)[:, 0]
-            volume = out[None]
+                stack = gather_slice_stacks(vol_s, chunk, self.k, axis=0)
+                out_s[chunk] = self.slice_maps(network, stack, inplane)[:, 0]
+            del vol_s
             if self.z_sigma > 0:
-                volume = gaussian_blur1d(volume, self.z_sigma, dim=1 + ax)
+                out_s = gaussian_blur1d(out_s, self.z_sigma, dim=0)
             if fg is not None:
-                volume = volume * fg[None]
+                out_s.mul_(fg.movedim(ax, 0))
+            volume = out_s.movedim(0, ax).contiguous()[None]
         volume = volume.clone()  # leave inference mode (Invertd and writers may modify it)
         if isinstance(inputs, MetaTensor):
             result = MetaTensor(volume)

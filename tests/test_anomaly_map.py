@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from monai_dnprd.anomaly_map import (
@@ -16,6 +17,8 @@ from monai_dnprd.anomaly_map import (
     gaussian_blur2d,
     prototype_usage,
     slice_anomaly_map,
+    upsample_blur,
+    upsample_blur_matrix,
     top_percent_score,
 )
 
@@ -25,6 +28,19 @@ def test_slice_map_shape_and_zero_for_identical():
     m = slice_anomaly_map(t, [x.clone() for x in t], (64, 48), sigma=4.0)
     assert m.shape == (3, 1, 64, 48)
     assert m.abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("out_size,sigma", [((240, 200), 5.0), ((64, 48), 4.0), ((7, 5), 1.0), ((30, 30), 0.0),
+                                              ((12, 9), 40.0)])
+def test_upsample_blur_equals_interpolate_then_blur(out_size, sigma):
+    # the two-matrix form must give the map of the plain pipeline: bilinear upsampling, then the separable blur
+    torch.manual_seed(0)
+    m = torch.rand(5, 1, 12, 9)
+    ref = gaussian_blur2d(F.interpolate(m, size=out_size, mode="bilinear", align_corners=False), sigma)
+    torch.testing.assert_close(upsample_blur(m, out_size, sigma), ref, atol=2e-6, rtol=1e-5)
+    k = upsample_blur_matrix(12, out_size[0], sigma)
+    assert k.shape == (out_size[0], 12)
+    torch.testing.assert_close(k.sum(1), torch.ones(out_size[0]))  # constants stay constant
 
 
 @pytest.mark.parametrize("sigma", [0.0, 2.0, 4.0])

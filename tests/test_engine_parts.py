@@ -11,6 +11,7 @@ from monai.data import MetaTensor
 from monai_dnprd.data import SafeDataset, inference_datalist, normal_datalists
 from monai_dnprd.engines.evaluator import axial_axis
 from monai_dnprd.engines.schedule import cosine_lr, stage_lambdas
+from monai_dnprd.anomaly_map import gaussian_blur1d
 from monai_dnprd.inferer import DNPVolumeInferer
 from monai_dnprd.io import VolumeError
 from monai_dnprd.networks import DNPConFormer
@@ -92,6 +93,34 @@ def test_inferer_map_shape_mask_and_batch_invariance(tiny_net):
     assert float(a[mask == 0].abs().max()) == 0.0
     assert float(a[mask > 0].min()) >= 0.0 and float(a[mask > 0].max()) > 0.0
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_inferer_any_slicing_axis_matches_axial_on_the_permuted_volume(tiny_net, axis):
+    torch.manual_seed(1)
+    vol = torch.rand(1, 20, 18, 7)
+    mask = torch.zeros(1, 20, 18, 7, dtype=torch.uint8)
+    mask[:, 3:17, 2:15, 1:6] = 1
+    ref = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=1.0)(vol, tiny_net, mask=mask)
+    moved = DNPVolumeInferer(img_size=16, k=1, axis=axis, sigma=1.0, z_sigma=1.0)(
+        vol.movedim(3, 1 + axis), tiny_net, mask=mask.movedim(3, 1 + axis))
+    torch.testing.assert_close(moved.movedim(1 + axis, 3), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_inferer_z_smoothing_is_the_gaussian_along_z_then_the_mask(tiny_net):
+    torch.manual_seed(2)
+    vol = torch.rand(1, 16, 16, 9)
+    mask = torch.zeros(1, 16, 16, 9, dtype=torch.uint8)
+    mask[:, 2:14, 3:13, 1:8] = 1
+    full = torch.ones_like(mask)
+    raw = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=0.0)(vol, tiny_net, mask=full)
+    smooth = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=1.5)(vol, tiny_net, mask=full)
+    torch.testing.assert_close(smooth, gaussian_blur1d(raw, 1.5, dim=3), rtol=1e-5, atol=1e-6)
+    masked = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=1.5)(vol, tiny_net, mask=mask)
+    # slices without foreground are not scored (zero before smoothing), then the mask zeroes the outside
+    expect = raw.clone()
+    expect[..., [0, 8]] = 0.0
+    torch.testing.assert_close(masked, gaussian_blur1d(expect, 1.5, dim=3) * mask, rtol=1e-5, atol=1e-6)
 
 
 def test_inferer_z_smoothing_spreads_across_slices(tiny_net):
