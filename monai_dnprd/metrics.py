@@ -377,7 +377,8 @@ def _binary_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
     """AUROC, AP, F1max and its threshold of a small score/label set (slice or volume level)."""
     st = _curve_stats(scores, labels)
     f1, thr = _f1_from(st)
-    return {"auroc": _auroc_from(st), "ap": _ap_from(st), "f1max": f1, "f1max_threshold": thr}
+    chance = float(np.mean(labels)) if labels.size else math.nan
+    return {"auroc": _auroc_from(st), "ap": _ap_from(st), "chance_ap": chance, "f1max": f1, "f1max_threshold": thr}
 
 
 @dataclass
@@ -566,7 +567,10 @@ class VolumeMetricAccumulator:
         s, y, ids, subsampled = self._pooled()
         st = _curve_stats(s, y, keep_neg=True)
         bd, bd_thr = _f1_from(st)
-        voxel = {"auroc": _auroc_from(st), "ap": _ap_from(st), "best_dice": bd, "best_dice_threshold": bd_thr}
+        # chance_ap: the AP of a map with no information, i.e. the lesion fraction, to read "ap" against
+        chance = float(np.count_nonzero(y)) / y.size if y.size else math.nan
+        voxel = {"auroc": _auroc_from(st), "ap": _ap_from(st), "chance_ap": chance, "best_dice": bd,
+                 "best_dice_threshold": bd_thr}
         thr = self._pooled_threshold(threshold)
         if thr is not None:
             voxel["dice_at_threshold"] = dice_at(s, y, thr)
@@ -585,7 +589,7 @@ class VolumeMetricAccumulator:
         v_s = np.array([r.volume_score for r in recs], dtype=np.float64)
         v_y = np.array([not r.is_normal for r in recs], dtype=bool)
         if v_y.all() or not v_y.any():
-            vol = {"auroc": math.nan, "ap": math.nan, "f1max": math.nan, "f1max_threshold": math.nan}
+            vol = {"auroc": math.nan, "ap": math.nan, "chance_ap": math.nan, "f1max": math.nan, "f1max_threshold": math.nan}
         else:
             vol = _binary_summary(v_s, v_y)
 

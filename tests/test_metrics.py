@@ -284,6 +284,7 @@ def test_accumulator_pooled_and_per_volume_vs_sklearn():
     assert abs(v["ap"] - sklearn_metrics.average_precision_score(y, s)) < TOL
     assert abs(v["auroc"] - sklearn_metrics.roc_auc_score(y, s)) < TOL
     assert abs(v["best_dice"] - _sk_f1max(s, y)) < TOL
+    assert v["chance_ap"] == y.mean()  # the AP of a map without information: the lesion fraction
     assert abs(v["dice_at_threshold"] - dice_at(s, y, 0.9)) < 1e-12
     assert abs(v["aupro"] - aupro([m.astype(np.float32) for m in maps], labels, masks)) < 1e-12
     for i in range(3):
@@ -303,11 +304,13 @@ def test_accumulator_pooled_and_per_volume_vs_sklearn():
     assert abs(res["slice"]["auroc"] - sklearn_metrics.roc_auc_score(sl_y, sl_s)) < TOL
     assert abs(res["slice"]["ap"] - sklearn_metrics.average_precision_score(sl_y, sl_s)) < TOL
     assert abs(res["slice"]["f1max"] - _sk_f1max(sl_s, sl_y)) < TOL
+    assert res["slice"]["chance_ap"] == sl_y.mean()
     # volume level: scores 1,2,3 (abnormal) vs 0.5, 1.3 (normal)
     vs, vy = np.array([1.0, 2.0, 3.0, 0.5, 1.3]), np.array([1, 1, 1, 0, 0])
     assert abs(res["volume"]["auroc"] - sklearn_metrics.roc_auc_score(vy, vs)) < TOL
     assert abs(res["volume"]["ap"] - sklearn_metrics.average_precision_score(vy, vs)) < TOL
     assert abs(res["volume"]["f1max"] - _sk_f1max(vs, vy)) < TOL
+    assert res["volume"]["chance_ap"] == 0.6
     c = res["counts"]
     assert (c["volumes"], c["normal_volumes"], c["abnormal_volumes"]) == (5, 2, 3)
     assert c["voxels"] == c["voxels_used"] == s.size and not c["subsampled"]
