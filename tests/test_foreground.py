@@ -34,3 +34,15 @@ def test_fill_holes_fills_an_enclosed_cavity_only():
     assert not _fill_holes(m)[4, 4, 4]  # connected to the border through the channel: not a hole in 3D
     assert _fill_holes(m, axis=2)[4, 4, 4]  # but a hole in its axial slice z=4, which the channel does not reach
     assert not _fill_holes(m, axis=0)[4, 4, 4]  # in the sagittal slice x=4 the channel reaches the border
+
+
+def test_bounding_box_matches_nonzero_extent():
+    from monai_dnprd.transforms.array import _bounding_box
+
+    rng = np.random.default_rng(0)
+    for shape in [(9, 7, 5), (1, 4, 3), (12, 12)]:
+        m = np.zeros(shape, dtype=bool)
+        pts = tuple(rng.integers(0, s, size=3) for s in shape)
+        m[pts] = True
+        expect = tuple(slice(int(a.min()), int(a.max()) + 1) for a in np.nonzero(m))
+        assert _bounding_box(m) == expect
