@@ -91,48 +91,46 @@ def gaussian_fit(tokens: list[torch.Tensor], shrinkage: float = 1e-3) -> list[tu
     return fits
 
 
-def knn_inferer(base, bank: list[torch.Tensor], chunk: int = 4096):
-    """A copy of the workflow's inferer whose slice maps are nearest-neighbour distances to ``bank``."""
-    from monai_dnprd.anomaly_map import gaussian_blur2d
+def token_score_inferer(base, score):
+    """A copy of the workflow's inferer whose slice maps come from ``score(group, tokens (n, C)) -> (n,)`` on the
+    teacher tokens, averaged over the groups and upsampled and blurred like the model's own map."""
+    from monai_dnprd.anomaly_map import upsample_blur
     from monai_dnprd.inferer import DNPVolumeInferer
 
-    class KNNInferer(DNPVolumeInferer):
+    class TokenScoreInferer(DNPVolumeInferer):
         def slice_maps(self, network, stack, out_size):
             out = network(self.resize(stack))
             maps = []
-            for t, b in zip(out.targets, bank):
+            for g, t in enumerate(out.targets):
                 n, c, h, w = t.shape
-                tok = F.normalize(t.float().flatten(2).transpose(1, 2).reshape(-1, c), dim=-1)
-                best = torch.cat([(part @ b.T).amax(1) for part in tok.split(chunk)])
-                d = (1.0 - best).reshape(n, 1, h, w)
-                maps.append(F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=False))
-            return gaussian_blur2d(torch.stack(maps).mean(0), self.sigma * max(out_size) / self.img_size).cpu()
+                maps.append(score(g, t.float().flatten(2).transpose(1, 2).reshape(-1, c)).reshape(n, h, w))
+            sigma = self.sigma * max(out_size) / self.img_size
+            return upsample_blur(torch.stack(maps).mean(0), tuple(out_size), sigma).unsqueeze(1).cpu()
 
-    return KNNInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
+    return TokenScoreInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
 
 
-def gauss_inferer(base, fits: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A copy of the workflow's inferer whose slice maps are Mahalanobis distances to the normal Gaussian."""
-    from monai_dnprd.anomaly_map import gaussian_blur2d
-    from monai_dnprd.inferer import DNPVolumeInferer
+def knn_score(bank: list[torch.Tensor], chunk: int = 4096):
+    """1 - the largest cosine of each token to the group's bank (nearest-neighbour distance)."""
+    def score(g: int, tokens: torch.Tensor) -> torch.Tensor:
+        tok = F.normalize(tokens, dim=-1)
+        return 1.0 - torch.cat([(part @ bank[g].T).amax(1) for part in tok.split(chunk)])
 
-    class GaussInferer(DNPVolumeInferer):
-        def slice_maps(self, network, stack, out_size):
-            out = network(self.resize(stack))
-            maps = []
-            for t, (mean, whiten) in zip(out.targets, fits):
-                n, c, h, w = t.shape
-                tok = t.float().flatten(2).transpose(1, 2).reshape(-1, c)
-                d = ((tok - mean) @ whiten).norm(dim=1).reshape(n, 1, h, w)
-                maps.append(F.interpolate(d, size=tuple(out_size), mode="bilinear", align_corners=False))
-            return gaussian_blur2d(torch.stack(maps).mean(0), self.sigma * max(out_size) / self.img_size).cpu()
+    return score
 
-    return GaussInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
+
+def gauss_score(fits: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Mahalanobis distance of each token to the group's normal Gaussian."""
+    def score(g: int, tokens: torch.Tensor) -> torch.Tensor:
+        mean, whiten = fits[g]
+        return ((tokens - mean) @ whiten).norm(dim=1)
+
+    return score
 
 
 def summary(metrics_path: Path) -> dict:
     m = json.loads(metrics_path.read_text())
-    chance = m["counts"]["lesion_voxels"] / max(m["counts"]["voxels"], 1)
+    chance = m["voxel"]["chance_ap"]
     kinds = {k: round(v["auroc"], 3) for k, v in m["per_volume"].items() if v["n_lesion_voxels"]}
     return {"voxel_auroc": m["voxel"]["auroc"], "voxel_ap": m["voxel"]["ap"], "chance_ap": chance,
             "ap_x_chance": m["voxel"]["ap"] / chance if chance else float("nan"),
@@ -188,9 +186,9 @@ def main() -> None:
     wf.finalize()
     base = wf.parser.get_parsed_content("inferer")
     bank = knn_bank(tokens, args.bank_size)
-    scorers = {"knn": knn_inferer(base, bank)}
+    scorers = {"knn": token_score_inferer(base, knn_score(bank))}
     if args.gauss:
-        scorers["gauss"] = gauss_inferer(base, gaussian_fit(tokens))
+        scorers["gauss"] = token_score_inferer(base, gauss_score(gaussian_fit(tokens)))
     del tokens
     for name, inferer in scorers.items():
         wf = _workflow(args.ckpt, out / name, inferer=inferer, **data)

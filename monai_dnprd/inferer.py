@@ -93,8 +93,8 @@ class DNPVolumeInferer(Inferer):
                 out_s = gaussian_blur1d(out_s, self.z_sigma, dim=0)
             if fg is not None:
                 out_s.mul_(fg.movedim(ax, 0))
-            volume = out_s.movedim(0, ax).contiguous()[None]
-        volume = volume.clone()  # leave inference mode (Invertd and writers may modify it)
+        # one copy back to the volume's axis order, made outside inference mode (Invertd and writers may modify it)
+        volume = out_s.movedim(0, ax).clone(memory_format=torch.contiguous_format)[None]
         if isinstance(inputs, MetaTensor):
             result = MetaTensor(volume)
             result.copy_meta_from(inputs)  # affine, original geometry and applied operations, for Invertd
