@@ -16,6 +16,9 @@ __all__ = [
     "upsample_blur_matrix",
     "upsample_blur",
     "slice_anomaly_map",
+    "residual_zscore",
+    "token_distance",
+    "ResidualMoments",
     "top_percent_score",
     "prototype_usage",
     "feature_spread",
@@ -96,17 +99,93 @@ def upsample_blur(maps: Tensor, out_size: tuple[int, int], sigma: float) -> Tens
     return kh @ maps.to(dtype) @ kw.T
 
 
-def slice_anomaly_map(
-    targets: Sequence[Tensor], recons: Sequence[Tensor], out_size: tuple[int, int], sigma: float = 4.0
-) -> Tensor:
-    """Per group 1 - channel cosine on the token grid, bilinear upsample, mean over groups, blur -> (B, 1, H, W).
+def residual_zscore(target: Tensor, recon: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Root-mean-square over channels of the reconstruction residual z-scored per channel: (B, C, h, w) -> (B, h, w).
 
-    The mean over groups is taken on the token grid (upsampling is linear, so the order does not matter).
+    ``mean`` and ``std`` (C,) describe the residual ``target - recon`` on normal tokens, so every channel's error
+    counts in units of its own normal variation (the cosine distance weighs channels by their magnitude instead).
+    """
+    z = (target.float() - recon.float() - mean.float()[:, None, None]) / std.float()[:, None, None]
+    return z.square().mean(1).sqrt()
+
+
+def token_distance(target: Tensor, recon: Tensor, metric: str = "cosine",
+                   residual_stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Per-token distance between teacher features and their reconstruction, (B, C, h, w) -> (B, h, w).
+
+    ``cosine``: 1 - channel cosine (the paper's map; blind to errors along the token's own direction).
+    ``residual_z``: ``residual_zscore`` with the group's normal (mean, std). ``cosine_residual_z``: the geometric
+    mean of the two, high only where the direction is off *and* the residual is large for normal tissue.
+    """
+    if metric == "cosine":
+        return 1.0 - F.cosine_similarity(target.float(), recon.float(), dim=1)
+    if metric not in ("residual_z", "cosine_residual_z"):
+        raise ValueError(f"unknown map metric {metric!r}")
+    if residual_stats is None:
+        raise ValueError(f"map metric {metric!r} needs residual statistics")
+    z = residual_zscore(target, recon, *residual_stats)
+    if metric == "residual_z":
+        return z
+    cos = 1.0 - F.cosine_similarity(target.float(), recon.float(), dim=1)
+    return (cos.clamp_min(0.0) * z).sqrt()
+
+
+def slice_anomaly_map(
+    targets: Sequence[Tensor],
+    recons: Sequence[Tensor],
+    out_size: tuple[int, int],
+    sigma: float = 4.0,
+    metric: str = "cosine",
+    residual_stats: Sequence[tuple[Tensor, Tensor]] | None = None,
+) -> Tensor:
+    """Per group ``token_distance``, bilinear upsample, mean over groups, blur -> (B, 1, H, W).
+
+    ``residual_stats`` holds one (mean, std) pair per group for the metrics that need it. The mean over groups
+    is taken on the token grid (upsampling is linear, so the order does not matter).
     """
     if len(targets) != len(recons) or not targets:
         raise ValueError("need the same non-zero number of targets and recons")
-    d = torch.stack([1.0 - F.cosine_similarity(a.float(), b.float(), dim=1) for a, b in zip(targets, recons)])
+    if residual_stats is not None and len(residual_stats) != len(targets):
+        raise ValueError(f"{len(residual_stats)} residual statistics for {len(targets)} feature groups")
+    stats = residual_stats if residual_stats is not None else [None] * len(targets)
+    d = torch.stack([token_distance(a, b, metric, st) for a, b, st in zip(targets, recons, stats)])
     return upsample_blur(d.mean(0), tuple(out_size), sigma).unsqueeze(1)
+
+
+class ResidualMoments:
+    """Accumulates per-channel mean and std of ``target - recon`` over many batches (float64 sums).
+
+    ``update(targets, recons)`` takes the group lists of one forward pass; ``stats()`` returns one (mean, std)
+    pair per group, std floored at ``eps`` times the largest channel std so that a dead channel can not divide
+    by zero.
+    """
+
+    def __init__(self, eps: float = 1e-3) -> None:
+        self.eps = eps
+        self.n = 0
+        self.sums: list[Tensor] = []
+        self.squares: list[Tensor] = []
+
+    def update(self, targets: Sequence[Tensor], recons: Sequence[Tensor]) -> None:
+        for g, (a, b) in enumerate(zip(targets, recons)):
+            r = (a.double() - b.double()).movedim(1, -1).reshape(-1, a.shape[1])
+            if len(self.sums) <= g:
+                self.sums.append(torch.zeros(a.shape[1], dtype=torch.float64, device=r.device))
+                self.squares.append(torch.zeros(a.shape[1], dtype=torch.float64, device=r.device))
+            self.sums[g] += r.sum(0)
+            self.squares[g] += r.square().sum(0)
+        self.n += targets[0].shape[0] * targets[0].shape[2] * targets[0].shape[3]
+
+    def stats(self) -> list[tuple[Tensor, Tensor]]:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 tokens to estimate residual statistics, got {self.n}")
+        out = []
+        for s1, s2 in zip(self.sums, self.squares):
+            mean = s1 / self.n
+            var = ((s2 - self.n * mean.square()) / (self.n - 1)).clamp_min(0.0)
+            std = var.sqrt()
+            out.append((mean.float(), std.clamp_min(max(float(std.max()) * self.eps, 1e-12)).float()))
+        return out
 
 
 def top_percent_score(

@@ -1,4 +1,7 @@
-"""Normal-score calibration: thresholds at a chosen false-positive rate on normal volumes.
+"""Statistics of normal data that the maps and thresholds rely on: residual moments and normal-score calibration.
+
+``fit_residual_stats`` measures, on normal training slices, the mean and std of each feature channel's
+reconstruction residual; the ``residual_z`` map expresses a token's residual in those units.
 
 After training, the model's voxel scores (inside the foreground) and volume scores on held-out NORMAL volumes
 are summarised. A voxel threshold for a false-positive rate ``fpr`` is the (1 - fpr) quantile of the normal
@@ -14,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["Calibration", "QUANTILE_LEVELS"]
+__all__ = ["Calibration", "QUANTILE_LEVELS", "fit_residual_stats", "residual_fit_slices"]
 
 # dense in the upper tail, where thresholds for small false-positive rates live
 QUANTILE_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 1001), 1.0 - np.logspace(-7, -1, 301)]))
@@ -105,3 +109,59 @@ class Calibration:
         if d.get("format") != "monai-dnprd-calibration/1":
             raise ValueError(f"{path}: not a monai-dnprd calibration file")
         return cls(d["levels"], d["values"], d["volume_scores"], d["n_voxels"])
+
+
+def residual_fit_slices(masks: Sequence[torch.Tensor], max_slices: int, min_foreground: float = 0.15) -> list[tuple[int, int]]:
+    """(volume, slice) pairs for fitting: slices along the last axis whose foreground fraction is at least
+    ``min_foreground`` (the training slices), at most ``max_slices`` of them spread evenly over all volumes."""
+    candidates = []
+    for v, mask in enumerate(masks):
+        m = torch.as_tensor(mask).reshape(-1, *mask.shape[-3:])[0] > 0
+        frac = m.float().mean((0, 1))
+        candidates += [(v, int(z)) for z in torch.nonzero(frac >= min_foreground).flatten()]
+    if len(candidates) > max_slices:
+        keep = np.linspace(0, len(candidates) - 1, max_slices).round().astype(int)
+        candidates = [candidates[i] for i in keep]
+    return candidates
+
+
+@torch.no_grad()
+def fit_residual_stats(
+    network: torch.nn.Module,
+    volumes: Sequence[dict],
+    k: int,
+    img_size: int,
+    max_slices: int = 256,
+    min_foreground: float = 0.15,
+    batch_size: int = 32,
+) -> int:
+    """Fit and store the ``residual_z`` map's per-channel residual mean/std on normal training slices.
+
+    ``volumes`` are preprocessed items (``image`` (C, X, Y, Z), ``mask``); every token of the chosen slices
+    counts, as in training. The network is run in eval mode and its mode restored. Returns the token count.
+    """
+    from monai_dnprd.anomaly_map import ResidualMoments
+    from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
+
+    net = network.module if hasattr(network, "module") else network
+    pairs = residual_fit_slices([d["mask"] for d in volumes], max_slices, min_foreground)
+    if not pairs:
+        raise ValueError(f"no slice with at least {min_foreground:.0%} foreground to fit residual statistics on")
+    device = next(net.parameters()).device
+    resize = ResizeSlices(img_size)
+    moments = ResidualMoments()
+    was_training = net.training
+    net.eval()
+    try:
+        stacks = []
+        for v in sorted({v for v, _ in pairs}):
+            vol = torch.as_tensor(volumes[v]["image"]).float()
+            idx = torch.tensor([z for vv, z in pairs if vv == v])
+            stacks.append(resize(gather_slice_stacks(vol, idx, k)))
+        for batch in torch.cat(stacks).split(batch_size):
+            out = net(batch.to(device))
+            moments.update([t.float() for t in out.targets], [r.float() for r in out.recons])
+        net.set_residual_stats(moments.stats(), moments.n)
+    finally:
+        net.train(was_training)
+    return moments.n

@@ -62,7 +62,9 @@ class DNPVolumeInferer(Inferer):
         targets = [t.float() for t in out.targets]
         recons = [r.float() for r in out.recons]
         sigma_out = self.sigma * max(out_size) / self.img_size
-        return slice_anomaly_map(targets, recons, out_size, sigma=sigma_out).cpu()
+        metric = getattr(net, "map_metric", "cosine")
+        stats = net.residual_stats() if metric != "cosine" else None
+        return slice_anomaly_map(targets, recons, out_size, sigma=sigma_out, metric=metric, residual_stats=stats).cpu()
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: torch.nn.Module, mask: torch.Tensor | None = None

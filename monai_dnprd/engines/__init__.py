@@ -10,6 +10,7 @@ from .handlers import (
     ExportHandler,
     PeriodicValidation,
     ProgressBar,
+    ResidualStatsHandler,
     TrainingLogger,
 )
 from .schedule import build_optimizer, cosine_lr, stage_lambdas

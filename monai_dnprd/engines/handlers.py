@@ -19,7 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from monai_dnprd.anomaly_map import top_percent_score
-from monai_dnprd.calibration import Calibration
+from monai_dnprd.calibration import Calibration, fit_residual_stats
 from monai_dnprd.checkpoint import export_model, load_checkpoint, save_atomic
 from monai_dnprd.data import preprocess_volumes
 from monai_dnprd.distributed import rank
@@ -37,6 +37,7 @@ __all__ = [
     "EarlyStop",
     "PeriodicValidation",
     "AnomalyMetricsHandler",
+    "ResidualStatsHandler",
 ]
 
 logger = logging.getLogger("monai_dnprd")
@@ -281,6 +282,44 @@ class CalibrationHandler:
         cal.save(self.path)
         logger.info("calibration on %d normal volumes: volume score %.4f +- %.4f, voxel threshold at FPR 1%%: %.4f -> %s",
                     len(volume_scores), cal.volume_mean, cal.volume_std, cal.voxel_threshold(0.01), self.path)
+
+
+class ResidualStatsHandler:
+    """Refits the residual maps' normal residual statistics whenever the map is about to be used.
+
+    Before every validation run (``evaluator`` STARTED) and at the end of training (before export and
+    calibration: list it before those handlers), unless already fitted at this iteration. ``volumes`` are the
+    preprocessed normal training volumes. Does nothing for models with the ``cosine`` map.
+    """
+
+    def __init__(self, network: torch.nn.Module, volumes: Sequence[dict], k: int, img_size: int,
+                 evaluator: Engine | None = None, max_slices: int = 256, min_foreground: float = 0.15,
+                 batch_size: int = 32) -> None:
+        self.network = network
+        self.volumes = volumes
+        self.k = int(k)
+        self.img_size = int(img_size)
+        self.evaluator = evaluator
+        self.max_slices = int(max_slices)
+        self.min_foreground = float(min_foreground)
+        self.batch_size = int(batch_size)
+        self._fitted_at: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        net = self.network.module if hasattr(self.network, "module") else self.network
+        if getattr(net, "map_metric", "cosine") == "cosine":
+            return
+        engine.add_event_handler(Events.COMPLETED, self._fit)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.STARTED, lambda _: self._fit(engine))
+
+    def _fit(self, trainer: Engine) -> None:
+        if rank() != 0 or self._fitted_at == trainer.state.iteration:
+            return
+        n = fit_residual_stats(self.network, self.volumes, self.k, self.img_size, self.max_slices,
+                               self.min_foreground, self.batch_size)
+        self._fitted_at = trainer.state.iteration
+        logger.debug("residual statistics fitted on %d tokens at iteration %d", n, trainer.state.iteration)
 
 
 class PeriodicValidation:

@@ -17,6 +17,7 @@ __all__ = ["DNPOutput", "PrototypeExtractor", "PrototypeAttentionBlock", "DNPCon
 
 logger = logging.getLogger(__name__)
 
+MAP_METRICS = ("cosine", "residual_z", "cosine_residual_z")  # anomaly-map distances, see monai_dnprd.anomaly_map.slice_anomaly_map
 DNP_LN_EPS = 1e-8  # method.md: LayerNorm eps 1e-8 in the DNP parts
 
 
@@ -121,8 +122,11 @@ class DNPConFormer(nn.Module):
         pretrained: str | None = None,
         mlp_ratio: float = 4.0,
         bottleneck_dropout: float = 0.2,
+        map_metric: str = "cosine",
     ) -> None:
         super().__init__()
+        if map_metric not in MAP_METRICS:
+            raise ValueError(f"unknown map_metric {map_metric!r}; choose one of {list(MAP_METRICS)}")
         if vit not in VIT_PRESETS:
             raise ValueError(f"unknown vit preset {vit!r}; choose one of {sorted(VIT_PRESETS)}")
         if img_size % patch_size:
@@ -143,8 +147,9 @@ class DNPConFormer(nn.Module):
             img_size=img_size, patch_size=patch_size, in_channels=in_channels, vit=vit, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, num_register_tokens=num_register_tokens, num_prototypes=num_prototypes,
             taps=list(taps), groups=[list(g) for g in groups], ema_beta=ema_beta, pretrained=pretrained,
-            mlp_ratio=mlp_ratio, bottleneck_dropout=bottleneck_dropout,
+            mlp_ratio=mlp_ratio, bottleneck_dropout=bottleneck_dropout, map_metric=map_metric,
         )
+        self.map_metric = map_metric
         self.pretrained = pretrained
         self.taps = taps
         self.groups = groups
@@ -167,6 +172,12 @@ class DNPConFormer(nn.Module):
         _init_dnp(self.bottleneck)
         self.decoder = nn.ModuleList(PrototypeAttentionBlock(embed_dim, num_heads, mlp_ratio) for _ in taps)
         self.teacher: ViTEncoder = make_teacher(self.encoder)  # type: ignore[assignment]
+        if map_metric != "cosine":
+            # per group and channel: mean and std of the residual teacher - reconstruction on normal training
+            # slices, fitted after training (``fit_residual_stats``) and saved with the weights
+            stats = torch.stack([torch.zeros(len(groups), embed_dim), torch.ones(len(groups), embed_dim)])
+            self.register_buffer("residual_moments", stats)
+            self.register_buffer("residual_tokens", torch.zeros((), dtype=torch.long))
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -195,6 +206,24 @@ class DNPConFormer(nn.Module):
         cfg["taps"] = list(cfg["taps"])
         cfg["groups"] = [list(g) for g in cfg["groups"]]
         return cfg
+
+    def residual_stats(self) -> list[tuple[Tensor, Tensor]] | None:
+        """(mean, std) of the normal residual per feature group for the residual maps; None for ``cosine``."""
+        if self.map_metric == "cosine":
+            return None
+        return [(self.residual_moments[0, g], self.residual_moments[1, g]) for g in range(len(self.groups))]
+
+    @torch.no_grad()
+    def set_residual_stats(self, stats: Sequence[tuple[Tensor, Tensor]], n_tokens: int) -> None:
+        """Store fitted residual statistics (one (mean, std) pair per group) in the model's buffers."""
+        if self.map_metric == "cosine":
+            raise ValueError("residual statistics are only used by the residual maps, not map_metric='cosine'")
+        if len(stats) != len(self.groups):
+            raise ValueError(f"{len(stats)} residual statistics for {len(self.groups)} feature groups")
+        for g, (mean, std) in enumerate(stats):
+            self.residual_moments[0, g].copy_(mean)
+            self.residual_moments[1, g].copy_(std)
+        self.residual_tokens.fill_(int(n_tokens))
 
     def forward(self, x: Tensor) -> DNPOutput:
         """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets."""

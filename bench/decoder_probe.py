@@ -1,0 +1,329 @@
+"""Which decoder stage would keep what the features know? Retrain decoder variants on one model's frozen features.
+
+``bench/teacher_knn_probe.py`` showed that on the demo most of the detection is lost in the decoder stage, and
+that the trained decoder acts as a linear reconstruction of the teacher features. This probe tests decoder-side
+variants quickly, without training the encoder again: it caches the student's fused tokens and the teacher's
+target groups of one trained model over the normal training slices, trains a fresh decoder side (prototype
+extractor, bottleneck, decoder blocks) on that cache with the method's loss and schedule, and scores the test set
+through the bundle's evaluation workflow with the new decoder in place of the model's. The encoder moves very
+little in the DNP stage (learning rate 1e-5), so freezing it is a close stand-in for a full run; the ``paper``
+variant measures how close (compare it with the model's own map, also printed).
+
+    python bench/decoder_probe.py --ckpt runs/demo/models/model.pt --variants paper softmax
+    python bench/decoder_probe.py --ckpt RUN/train/models/model.pt --bank RUN/normal \\
+        --input_dir RUN/test --label_dir RUN/labels                  # a bench/tcga_protocol.py run
+
+Variants: ``paper`` (the method's decoder, ReLU(s cos) weights without softmax), ``softmax`` (the same blocks with
+softmax over the prototypes: every reconstruction is a convex mix of prototype values, so a token can not be
+rebuilt beyond the normal prototypes), ``model`` (the model's own trained decoder on the cached features, a check
+of this script's scoring path). Writes OUT/<variant>/ (evaluation folders) and OUT/decoder_probe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from teacher_knn_probe import _workflow, summary  # noqa: E402
+
+
+class DecoderSide(nn.Module):
+    """Prototype extractor + bottleneck + decoder blocks of a DNP-ConFormer, run on cached fused tokens."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.extractor = net.extractor
+        self.bottleneck = net.bottleneck
+        self.decoder = net.decoder
+        self.groups = net.groups
+        self.fixed: Tensor | None = None  # ``meanproto`` / ``globalproto``: the same prototypes for all images
+        self.res_stats: list[tuple[Tensor, Tensor]] | None = None  # ``model_resz``: residual mean/std per group
+        self.unit = False  # ``model_uz``: the residual of the unit vectors t/|t| - r/|r|
+        self.combine = False  # ``model_geo``: sqrt(residual z x cosine distance)
+        self.masked = False  # prototypes from tissue tokens only (``fgproto`` variants)
+        self.stats: tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]] | None = None  # set for the ``std`` variant
+
+    def standardise(self, f: Tensor, targets: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """Per-channel z-scores against the normal cache (identity unless ``stats`` is set)."""
+        if self.stats is None:
+            return f, targets
+        mf, sf, mt = self.stats
+        return (f - mf) / sf, [(t - m[:, None, None]) / s[:, None, None] for t, (m, s) in zip(targets, mt)]
+
+    def forward(self, f: Tensor, grid: tuple[int, int], valid: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        if self.fixed is not None:  # one prototype set for every image
+            prototypes = self.fixed.expand(f.shape[0], -1, -1)
+        else:
+            prototypes = self.extractor(f) if valid is None else masked_extractor(self.extractor, f, valid)
+        z = self.bottleneck(f)
+        outs = []
+        for blk in self.decoder:
+            z = blk(z, prototypes)
+            outs.append(z)
+        outs = outs[::-1]
+        recons = []
+        for g in self.groups:
+            m = torch.stack([outs[i] for i in g]).mean(0)
+            recons.append(m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid))
+        return recons, prototypes
+
+
+def masked_extractor(ex: nn.Module, f: Tensor, valid: Tensor) -> Tensor:
+    """PrototypeExtractor.forward whose queries attend only to the ``valid`` (B, N) tokens (tissue, not background)."""
+    b, n, c = f.shape
+    h = ex.num_heads
+    p = ex.prototypes.expand(b, -1, -1)
+    q = ex.q(p).reshape(b, -1, h, c // h).transpose(1, 2)
+    k, v = ex.kv(ex.norm_kv(f)).reshape(b, n, 2, h, c // h).permute(2, 0, 3, 1, 4)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :]).transpose(1, 2).reshape(b, -1, c)
+    p = p + ex.proj(a)
+    return p + ex.mlp(ex.norm2(p))
+
+
+def token_valid(x: Tensor, patch: int, min_fraction: float = 0.5) -> Tensor:
+    """(B, N) tokens whose patch is at least ``min_fraction`` foreground (centre slice > 0; the normalised
+    background is exactly 0); slices without such a token fall back to any foreground."""
+    centre = (x[:, x.shape[1] // 2 : x.shape[1] // 2 + 1] > 0).float()
+    frac = F.avg_pool2d(centre, patch).flatten(1)
+    valid = frac >= min_fraction
+    return torch.where(valid.any(1, keepdim=True), valid, frac > 0) | (frac.amax(1, keepdim=True) == 0)
+
+
+def masked_daa(tokens: Tensor, prototypes: Tensor, valid: Tensor) -> Tensor:
+    """L_DAA over the valid tokens only."""
+    d = 1.0 - F.normalize(tokens, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(-2, -1)
+    dmin, idx = d.min(-1)
+    onehot = F.one_hot(idx, prototypes.shape[1]).to(dmin.dtype) * valid.unsqueeze(-1).to(dmin.dtype)
+    per_proto = (onehot * dmin.unsqueeze(-1)).sum(1) / onehot.sum(1).clamp_min(1.0)
+    return per_proto.mean(-1).mean()
+
+
+def softmax_forward(self, x: Tensor, prototypes: Tensor) -> Tensor:
+    """PrototypeAttentionBlock.forward with softmax(s_h cos) weights over the prototypes."""
+    b, n, c = x.shape
+    h = self.num_heads
+    q = self.q(self.norm_x(x)).reshape(b, n, h, c // h).transpose(1, 2)
+    k, v = self.kv(self.norm_p(prototypes)).reshape(b, -1, 2, h, c // h).permute(2, 0, 3, 1, 4)
+    cos = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    w = torch.softmax(self.scale * cos, dim=-1)
+    x = self.proj((w @ v).transpose(1, 2).reshape(b, n, c))
+    return x + self.mlp(self.norm2(x))
+
+
+def make_variant(net: nn.Module, name: str) -> DecoderSide:
+    """A fresh (re-initialised) decoder side of ``net``'s shape, or the model's own for ``model``."""
+    from monai_dnprd.networks import DNPConFormer
+
+    if name in ("model", "model_fgproto", "model_meanproto", "model_resz", "model_geo", "model_uz"):
+        side = DecoderSide(copy.deepcopy(net))
+        side.masked = name == "model_fgproto"
+        side.combine = name == "model_geo"
+        side.unit = name == "model_uz"
+        return side
+    fresh = DNPConFormer(**net.config())
+    side = DecoderSide(fresh)
+    if name == "softmax":
+        import types
+
+        for blk in side.decoder:
+            blk.forward = types.MethodType(softmax_forward, blk)
+            with torch.no_grad():
+                blk.scale.fill_(10.0)  # temperature 0.1 at the start: cosines of 0.9 vs 1.0 differ by e^1
+    elif name == "globalproto":
+        side.fixed = nn.Parameter(torch.randn(1, net.num_prototypes, net.encoder.embed_dim))
+    elif name == "fgproto":
+        side.masked = True
+    elif name == "std":
+        pass  # statistics set by main() from the cache
+    elif name != "paper":
+        raise SystemExit(f"unknown variant {name!r}")
+    return side
+
+
+@torch.inference_mode()
+def cache_features(wf, volumes: list[dict], min_foreground: float, flips: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """Student fused tokens (S, N, C) and teacher target groups [(S, C, h, w)] of all training slices whose
+    foreground fraction is at least ``min_foreground`` (and their left-right flips), as in training."""
+    from monai_dnprd.transforms.array import gather_slice_stacks
+
+    network = wf.parser.get_parsed_content("network")
+    inferer = wf.parser.get_parsed_content("inferer")
+    preprocessing = wf.parser.get_parsed_content("preprocessing")
+    k = wf.parser.get_parsed_content("params")["k"]
+    network.eval()
+    fs, ts, vs = [], [], []
+    patch = network.encoder.patch_size
+    for entry in volumes:
+        d = preprocessing(dict(entry))
+        vol, mask = d["image"].as_tensor().float(), d["mask"].as_tensor().bool()
+        frac = mask[0].float().mean((0, 1))
+        idx = torch.nonzero(frac >= min_foreground).flatten()
+        for start in range(0, idx.numel(), inferer.batch_size):
+            x = inferer.resize(gather_slice_stacks(vol, idx[start : start + inferer.batch_size], k))
+            for xx in (x, x.flip(-2)) if flips else (x,):
+                out = network(xx)
+                fs.append(out.tokens.float())
+                vs.append(token_valid(xx, patch))
+                ts.append([t.float() for t in out.targets])
+    return torch.cat(fs), [torch.cat([t[g] for t in ts]) for g in range(len(ts[0]))], torch.cat(vs)
+
+
+def train_variant(side: DecoderSide, f: Tensor, targets: list[Tensor], grid: tuple[int, int], iterations: int,
+                  batch_size: int, seed: int, valid: Tensor | None = None) -> list[float]:
+    """The DNP stage's decoder-side training on cached features: L_sm + 0.2 L_DAA, AdamW, warm-up + cosine lr
+    1e-4 -> 1e-5, gradient clip 0.1."""
+    from monai_dnprd.engines.schedule import cosine_lr
+    from monai_dnprd.losses import DNPLoss
+    from monai_dnprd.networks.dnp import DNPOutput
+
+    loss_fn = DNPLoss()
+    opt = torch.optim.AdamW(side.parameters(), lr=1e-4, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    side.train()
+    losses = []
+    for it in range(iterations):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(it, iterations, 1e-4, 1e-5, warmup=min(50, iterations // 10))
+        idx = torch.randint(0, f.shape[0], (batch_size,), generator=gen)
+        vb = valid[idx] if valid is not None else None
+        recons, prototypes = side(f[idx], grid, vb)
+        out = DNPOutput(targets=[t[idx] for t in targets], recons=recons, prototypes=prototypes, tokens=f[idx],
+                        assignments=None)
+        loss = loss_fn(out)
+        if vb is not None:
+            loss["loss"] = loss["loss"] + loss_fn.daa_weight * (masked_daa(f[idx], prototypes, vb) - loss["daa"])
+        opt.zero_grad(set_to_none=True)
+        loss["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(side.parameters(), 0.1)
+        opt.step()
+        losses.append(float(loss["sm"]))
+    side.eval()
+    return losses
+
+
+def variant_inferer(base, side: DecoderSide):
+    """The workflow's inferer with ``side`` rebuilding the teacher targets from the model's fused tokens."""
+    from monai_dnprd.anomaly_map import slice_anomaly_map
+    from monai_dnprd.inferer import DNPVolumeInferer
+
+    class VariantInferer(DNPVolumeInferer):
+        def slice_maps(self, network, stack, out_size):
+            out = network(self.resize(stack))
+            grid = tuple(out.targets[0].shape[-2:])
+            f, targets = side.standardise(out.tokens.float(), [t.float() for t in out.targets])
+            valid = token_valid(self.resize(stack), network.encoder.patch_size) if side.masked else None
+            recons, _ = side(f, grid, valid)
+            sigma = self.sigma * max(out_size) / self.img_size
+            if side.res_stats is not None:  # whitened residual instead of the cosine distance
+                from monai_dnprd.anomaly_map import upsample_blur
+
+                if side.unit:
+                    targets = [F.normalize(t, dim=1) for t in targets]
+                    recons = [F.normalize(r, dim=1) for r in recons]
+                d = torch.stack([(((t - r) - m[:, None, None]) / s[:, None, None]).pow(2).mean(1).sqrt()
+                                 for t, r, (m, s) in zip(targets, recons, side.res_stats)])
+                if side.combine:  # geometric mean with the cosine distance, per group
+                    c = torch.stack([1.0 - F.cosine_similarity(t, r, dim=1) for t, r in zip(targets, recons)])
+                    d = (d * c.clamp_min(0)).sqrt()
+                d = d.mean(0)
+                return upsample_blur(d, tuple(out_size), sigma).unsqueeze(1).cpu()
+            return slice_anomaly_map(targets, recons, tuple(out_size), sigma=sigma).cpu()
+
+    return VariantInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="exported model (models/model.pt of a training run)")
+    ap.add_argument("--variants", nargs="+", default=["paper", "softmax"])
+    ap.add_argument("--bank", default=None, help="folder of normal training volumes (default: the demo's)")
+    ap.add_argument("--input_dir", default=None, help="test volumes (default: the demo's)")
+    ap.add_argument("--label_dir", default=None, help="their lesion masks (default: the demo's)")
+    ap.add_argument("--iterations", type=int, default=400, help="decoder-side iterations (the default DNP stage)")
+    ap.add_argument("--batch_size", type=int, default=12)
+    ap.add_argument("--min_foreground", type=float, default=0.15)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shrink", type=float, default=0.0, help="model_resz: shrink each channel's residual variance "
+                    "toward the mean variance by this fraction (1 = plain RMS residual)")
+    ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
+    args = ap.parse_args()
+
+    from monai_dnprd import demo
+    from monai_dnprd.io import find_volumes
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out or tempfile.mkdtemp(prefix="decoder_probe_"))
+    if args.bank is None or args.input_dir is None:
+        dirs = demo.prepare_demo_data()
+    bank_dir = Path(args.bank) if args.bank else dirs["train"]
+    data = {"input_dir": args.input_dir or str(dirs["test_images"]), "label_dir": args.label_dir or str(dirs["test_labels"])}
+    volumes, problems = find_volumes(bank_dir)
+    if problems or not volumes:
+        raise SystemExit(f"bank folder {bank_dir}: " + ("; ".join(map(str, problems)) or "no volumes found"))
+
+    wf = _workflow(args.ckpt, out / "cache", **data)
+    wf.initialize()
+    t0 = time.time()
+    f, targets, valid = cache_features(wf, volumes, args.min_foreground)
+    print(f"cached {f.shape[0]} slices in {time.time() - t0:.0f} s", flush=True)
+    network = wf.parser.get_parsed_content("network")
+    base = wf.parser.get_parsed_content("inferer")
+    grid = tuple(targets[0].shape[-2:])
+    results = {}
+    for name in args.variants:
+        side = make_variant(network, name)
+        ff, tt = f, targets
+        if name in ("model_resz", "model_geo", "model_uz"):
+            with torch.inference_mode():
+                res = [[], []]
+                for part in range(0, f.shape[0], 64):
+                    rec, _ = side(f[part : part + 64], grid)
+                    for g, (t, r) in enumerate(zip(targets, rec)):
+                        t = t[part : part + 64]
+                        if side.unit:
+                            t, r = F.normalize(t, dim=1), F.normalize(r, dim=1)
+                        res[g].append((t - r).transpose(0, 1).flatten(1))
+                side.res_stats = []
+                for g in range(len(targets)):
+                    rr = torch.cat(res[g], 1)
+                    std = rr.std(1) + 1e-6
+                    if args.shrink > 0:  # variance shrunk toward the channels' mean variance
+                        std = ((1 - args.shrink) * std.square() + args.shrink * std.square().mean()).sqrt()
+                    side.res_stats.append((rr.mean(1), std))
+        if name == "model_meanproto":
+            with torch.inference_mode():
+                side.fixed = torch.cat([side.extractor(part) for part in f.split(64)]).mean(0, keepdim=True).clone()
+        if name == "std":
+            side.stats = (f.mean((0, 1)), f.std((0, 1)) + 1e-6,
+                          [(t.mean((0, 2, 3)), t.std((0, 2, 3)) + 1e-6) for t in targets])
+            ff, tt = side.standardise(f, targets)
+        t0 = time.time()
+        losses = train_variant(side, ff, tt, grid, args.iterations, args.batch_size, args.seed,
+                               valid if side.masked else None) if not name.startswith("model") else []
+        train_s = time.time() - t0
+        wf = _workflow(args.ckpt, out / name, inferer=variant_inferer(base, side), **data)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        r = summary(out / name / "metrics.json")
+        r["final_sm"] = sum(losses[-25:]) / 25 if losses else None
+        r["train_s"] = train_s
+        results[name] = r
+        print(f"{name}: voxel AUROC {r['voxel_auroc']:.3f}  AP {r['voxel_ap']:.4f} ({r['ap_x_chance']:.1f}x chance)  "
+              f"best Dice {r['voxel_best_dice']:.3f}  slice AUROC {r['slice_auroc']:.3f}  per volume "
+              f"{r['per_volume_auroc']}  final L_sm {r['final_sm']}  ({train_s:.0f} s)", flush=True)
+    (out / "decoder_probe.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
