@@ -1,22 +1,30 @@
-"""Which decoder stage would keep what the features know? Retrain decoder variants on one model's frozen features.
+"""Which decoder stage or map distance keeps what the features know? Variants on one model's frozen features.
 
 ``bench/teacher_knn_probe.py`` showed that on the demo most of the detection is lost in the decoder stage, and
-that the trained decoder acts as a linear reconstruction of the teacher features. This probe tests decoder-side
-variants quickly, without training the encoder again: it caches the student's fused tokens and the teacher's
-target groups of one trained model over the normal training slices, trains a fresh decoder side (prototype
-extractor, bottleneck, decoder blocks) on that cache with the method's loss and schedule, and scores the test set
-through the bundle's evaluation workflow with the new decoder in place of the model's. The encoder moves very
-little in the DNP stage (learning rate 1e-5), so freezing it is a close stand-in for a full run; the ``paper``
-variant measures how close (compare it with the model's own map, also printed).
+that the trained decoder acts as a linear reconstruction of the teacher features. This probe caches the
+student's fused tokens and the teacher's target groups of one trained model over the normal training slices
+and then scores the test set, through the bundle's evaluation workflow, with one of these variants in place of
+the model's own decoder or map:
+
+- decoder side retrained on the cache (the method's loss and schedule; the encoder moves very little in the
+  DNP stage, learning rate 1e-5, so freezing it is a close stand-in for a full run): ``paper`` (the method's
+  decoder), ``softmax`` (softmax over the prototypes: a reconstruction is a convex mix of prototype values),
+  ``std`` (features z-scored per channel against the cache, in the loss and the map), ``fgproto``
+  (prototypes and L_DAA from tissue tokens only, not background), ``globalproto`` (one learned prototype set
+  for all images);
+- the model's own decoder with other prototypes: ``model_fgproto`` (tissue tokens only), ``model_meanproto``
+  (the mean prototypes of the training slices for every image);
+- the model's own decoder with another token distance: ``model`` (the cosine, a check of this script's
+  scoring path: it reproduces the model's own figures), ``model_resz`` (``residual_z``), ``model_geo``
+  (``cosine_residual_z``), ``model_uz`` (the z-scored residual of the unit vectors t/|t| - r/|r|); their
+  residual statistics come from the cache (``--shrink`` pulls each channel's variance toward the mean one).
 
     python bench/decoder_probe.py --ckpt runs/demo/models/model.pt --variants paper softmax
     python bench/decoder_probe.py --ckpt RUN/train/models/model.pt --bank RUN/normal \\
-        --input_dir RUN/test --label_dir RUN/labels                  # a bench/tcga_protocol.py run
+        --input_dir RUN/test --label_dir RUN/labels --variants model model_geo   # a bench/tcga_protocol.py run
 
-Variants: ``paper`` (the method's decoder, ReLU(s cos) weights without softmax), ``softmax`` (the same blocks with
-softmax over the prototypes: every reconstruction is a convex mix of prototype values, so a token can not be
-rebuilt beyond the normal prototypes), ``model`` (the model's own trained decoder on the cached features, a check
-of this script's scoring path). Writes OUT/<variant>/ (evaluation folders) and OUT/decoder_probe.json.
+Writes OUT/<variant>/ (evaluation folders) and OUT/decoder_probe.json. A model trained with a residual map
+(``--map_metric``) is scored here with the map each variant names, from the statistics fitted here.
 """
 
 from __future__ import annotations
@@ -47,9 +55,9 @@ class DecoderSide(nn.Module):
         self.decoder = net.decoder
         self.groups = net.groups
         self.fixed: Tensor | None = None  # ``meanproto`` / ``globalproto``: the same prototypes for all images
-        self.res_stats: list[tuple[Tensor, Tensor]] | None = None  # ``model_resz``: residual mean/std per group
-        self.unit = False  # ``model_uz``: the residual of the unit vectors t/|t| - r/|r|
-        self.combine = False  # ``model_geo``: sqrt(residual z x cosine distance)
+        self.metric = "cosine"  # token distance of the map (monai_dnprd.anomaly_map.token_distance)
+        self.unit = False  # ``model_uz``: residual_z of the unit vectors t/|t| - r/|r|
+        self.res_stats: list[tuple[Tensor, Tensor]] | None = None  # residual mean/std per group, fitted on the cache
         self.masked = False  # prototypes from tissue tokens only (``fgproto`` variants)
         self.stats: tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]] | None = None  # set for the ``std`` variant
 
@@ -120,14 +128,37 @@ def softmax_forward(self, x: Tensor, prototypes: Tensor) -> Tensor:
     return x + self.mlp(self.norm2(x))
 
 
+MAP_VARIANTS = {"model_resz": "residual_z", "model_geo": "cosine_residual_z", "model_uz": "residual_z"}
+
+
+@torch.inference_mode()
+def fit_cache_residuals(side: DecoderSide, f: Tensor, targets: list[Tensor], grid: tuple[int, int],
+                        shrink: float = 0.0) -> list[tuple[Tensor, Tensor]]:
+    """Per-group residual mean/std of ``side`` over the whole cache (unit vectors for ``model_uz``); ``shrink``
+    moves each channel's variance toward the mean variance of the group."""
+    from monai_dnprd.anomaly_map import ResidualMoments
+
+    moments = ResidualMoments()
+    for start in range(0, f.shape[0], 64):
+        recons, _ = side(f[start : start + 64], grid)
+        tgt = [t[start : start + 64] for t in targets]
+        if side.unit:
+            tgt, recons = [F.normalize(t, dim=1) for t in tgt], [F.normalize(r, dim=1) for r in recons]
+        moments.update(tgt, recons)
+    stats = moments.stats()
+    if shrink > 0:
+        stats = [(m, ((1 - shrink) * s.square() + shrink * s.square().mean()).sqrt()) for m, s in stats]
+    return stats
+
+
 def make_variant(net: nn.Module, name: str) -> DecoderSide:
     """A fresh (re-initialised) decoder side of ``net``'s shape, or the model's own for ``model``."""
     from monai_dnprd.networks import DNPConFormer
 
-    if name in ("model", "model_fgproto", "model_meanproto", "model_resz", "model_geo", "model_uz"):
+    if name in ("model", "model_fgproto", "model_meanproto", *MAP_VARIANTS):
         side = DecoderSide(copy.deepcopy(net))
         side.masked = name == "model_fgproto"
-        side.combine = name == "model_geo"
+        side.metric = MAP_VARIANTS.get(name, "cosine")
         side.unit = name == "model_uz"
         return side
     fresh = DNPConFormer(**net.config())
@@ -224,20 +255,10 @@ def variant_inferer(base, side: DecoderSide):
             valid = token_valid(self.resize(stack), network.encoder.patch_size) if side.masked else None
             recons, _ = side(f, grid, valid)
             sigma = self.sigma * max(out_size) / self.img_size
-            if side.res_stats is not None:  # whitened residual instead of the cosine distance
-                from monai_dnprd.anomaly_map import upsample_blur
-
-                if side.unit:
-                    targets = [F.normalize(t, dim=1) for t in targets]
-                    recons = [F.normalize(r, dim=1) for r in recons]
-                d = torch.stack([(((t - r) - m[:, None, None]) / s[:, None, None]).pow(2).mean(1).sqrt()
-                                 for t, r, (m, s) in zip(targets, recons, side.res_stats)])
-                if side.combine:  # geometric mean with the cosine distance, per group
-                    c = torch.stack([1.0 - F.cosine_similarity(t, r, dim=1) for t, r in zip(targets, recons)])
-                    d = (d * c.clamp_min(0)).sqrt()
-                d = d.mean(0)
-                return upsample_blur(d, tuple(out_size), sigma).unsqueeze(1).cpu()
-            return slice_anomaly_map(targets, recons, tuple(out_size), sigma=sigma).cpu()
+            if side.unit:
+                targets = [F.normalize(t, dim=1) for t in targets]
+                recons = [F.normalize(r, dim=1) for r in recons]
+            return slice_anomaly_map(targets, recons, tuple(out_size), sigma, side.metric, side.res_stats).cpu()
 
     return VariantInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
 
@@ -253,7 +274,7 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=12)
     ap.add_argument("--min_foreground", type=float, default=0.15)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shrink", type=float, default=0.0, help="model_resz: shrink each channel's residual variance "
+    ap.add_argument("--shrink", type=float, default=0.0, help="residual maps: shrink each channel's residual variance "
                     "toward the mean variance by this fraction (1 = plain RMS residual)")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args()
@@ -283,23 +304,8 @@ def main() -> None:
     for name in args.variants:
         side = make_variant(network, name)
         ff, tt = f, targets
-        if name in ("model_resz", "model_geo", "model_uz"):
-            with torch.inference_mode():
-                res = [[], []]
-                for part in range(0, f.shape[0], 64):
-                    rec, _ = side(f[part : part + 64], grid)
-                    for g, (t, r) in enumerate(zip(targets, rec)):
-                        t = t[part : part + 64]
-                        if side.unit:
-                            t, r = F.normalize(t, dim=1), F.normalize(r, dim=1)
-                        res[g].append((t - r).transpose(0, 1).flatten(1))
-                side.res_stats = []
-                for g in range(len(targets)):
-                    rr = torch.cat(res[g], 1)
-                    std = rr.std(1) + 1e-6
-                    if args.shrink > 0:  # variance shrunk toward the channels' mean variance
-                        std = ((1 - args.shrink) * std.square() + args.shrink * std.square().mean()).sqrt()
-                    side.res_stats.append((rr.mean(1), std))
+        if side.metric != "cosine":
+            side.res_stats = fit_cache_residuals(side, f, targets, grid, args.shrink)
         if name == "model_meanproto":
             with torch.inference_mode():
                 side.fixed = torch.cat([side.extractor(part) for part in f.split(64)]).mean(0, keepdim=True).clone()

@@ -177,3 +177,32 @@ def test_fit_residual_stats_equals_the_moments_of_those_slices():
         assert torch.allclose(std, res.std(0).clamp_min(res.std(0).max() * 1e-3), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="foreground"):
         fit_residual_stats(m, vols, k=1, img_size=32, min_foreground=0.99)
+
+
+def test_residual_stats_handler_fits_before_validation_once_per_iteration(monkeypatch):
+    from ignite.engine import Engine
+
+    from monai_dnprd.engines import ResidualStatsHandler
+
+    m = tiny_model(map_metric="cosine_residual_z")
+    trainer, evaluator = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    ResidualStatsHandler(m, [_volume(0)], k=1, img_size=32, evaluator=evaluator, max_slices=4).attach(trainer)
+    trainer.state.iteration = 5
+    evaluator.run([0])
+    assert int(m.residual_tokens) == 4 * 16
+    m.residual_tokens.zero_()
+    evaluator.run([0])  # same trainer iteration: the statistics are current, no second fit
+    assert int(m.residual_tokens) == 0
+    trainer.state.iteration = 6
+    evaluator.run([0])
+    assert int(m.residual_tokens) == 4 * 16
+    # a cosine model is never fitted
+    import monai_dnprd.engines.handlers as handlers
+
+    calls = []
+    monkeypatch.setattr(handlers, "fit_residual_stats", lambda *a, **k: calls.append(1) or 0)
+    cos_trainer, cos_eval = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    ResidualStatsHandler(tiny_model(), [_volume(0)], k=1, img_size=32, evaluator=cos_eval).attach(cos_trainer)
+    cos_eval.run([0])
+    cos_trainer.run([0])
+    assert calls == []

@@ -37,6 +37,12 @@ def test_training_writes_finite_losses_checkpoints_and_calibration(trained):
     assert torch.isfinite(out.recons[0]).all()
     cal = json.loads((trained / "models" / "calibration.json").read_text())
     assert cal["n_volumes"] == 1 and cal["n_voxels"] > 0
+    # the default map's residual statistics were fitted on normal slices before the validation that saved the
+    # best model, and travel with the exported weights
+    assert net.map_metric == "cosine_residual_z" and int(net.residual_tokens) > 0
+    best, _ = load_model(trained / "models" / "model_best.pt")
+    assert int(best.residual_tokens) > 0
+    assert all(not torch.equal(s, torch.ones_like(s)) for _, s in net.residual_stats())
 
 
 def test_resume_continues_the_iteration_count(trained, tiny_data, tmp_path):
