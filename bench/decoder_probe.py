@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from teacher_knn_probe import _workflow, summary  # noqa: E402
+from teacher_knn_probe import _workflow, probe_inputs, summary  # noqa: E402
 
 
 class DecoderSide(nn.Module):
@@ -279,18 +279,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args()
 
-    from monai_dnprd import demo
-    from monai_dnprd.io import find_volumes
-
     torch.manual_seed(args.seed)
     out = Path(args.out or tempfile.mkdtemp(prefix="decoder_probe_"))
-    if args.bank is None or args.input_dir is None:
-        dirs = demo.prepare_demo_data()
-    bank_dir = Path(args.bank) if args.bank else dirs["train"]
-    data = {"input_dir": args.input_dir or str(dirs["test_images"]), "label_dir": args.label_dir or str(dirs["test_labels"])}
-    volumes, problems = find_volumes(bank_dir)
-    if problems or not volumes:
-        raise SystemExit(f"bank folder {bank_dir}: " + ("; ".join(map(str, problems)) or "no volumes found"))
+    _, volumes, data = probe_inputs(args.bank, args.input_dir, args.label_dir)
 
     wf = _workflow(args.ckpt, out / "cache", **data)
     wf.initialize()

@@ -128,6 +128,20 @@ def gauss_score(fits: list[tuple[torch.Tensor, torch.Tensor]]):
     return score
 
 
+def probe_inputs(bank: str | None, input_dir: str | None, label_dir: str | None) -> tuple[Path, list[dict], dict]:
+    """The normal bank folder, its volumes (datalist) and the test folders, the demo's where not given."""
+    from monai_dnprd import demo
+    from monai_dnprd.io import find_volumes
+
+    dirs = demo.prepare_demo_data() if bank is None or input_dir is None else {}
+    bank_dir = Path(bank) if bank else dirs["train"]
+    data = {"input_dir": input_dir or str(dirs["test_images"]), "label_dir": label_dir or str(dirs["test_labels"])}
+    volumes, problems = find_volumes(bank_dir)
+    if problems or not volumes:
+        raise SystemExit(f"bank folder {bank_dir}: " + ("; ".join(map(str, problems)) or "no volumes found"))
+    return bank_dir, volumes, data
+
+
 def summary(metrics_path: Path) -> dict:
     m = json.loads(metrics_path.read_text())
     chance = m["voxel"]["chance_ap"]
@@ -153,17 +167,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args()
 
-    from monai_dnprd import demo
-    from monai_dnprd.io import find_volumes
-
     out = Path(args.out or tempfile.mkdtemp(prefix="knn_probe_"))
-    if args.bank is None or args.input_dir is None:
-        dirs = demo.prepare_demo_data()
-    bank_dir = Path(args.bank) if args.bank else dirs["train"]
-    data = {"input_dir": args.input_dir or str(dirs["test_images"]), "label_dir": args.label_dir or str(dirs["test_labels"])}
-    volumes, problems = find_volumes(bank_dir)
-    if problems or not volumes:
-        raise SystemExit(f"bank folder {bank_dir}: " + ("; ".join(map(str, problems)) or "no volumes found"))
+    bank_dir, volumes, data = probe_inputs(args.bank, args.input_dir, args.label_dir)
 
     results = {}
     if args.student:  # the teacher becomes a copy of the student; the decoder's map means nothing then

@@ -153,14 +153,12 @@ def fit_residual_stats(
     was_training = net.training
     net.eval()
     try:
-        stacks = []
         for v in sorted({v for v, _ in pairs}):
             vol = torch.as_tensor(volumes[v]["image"]).float()
             idx = torch.tensor([z for vv, z in pairs if vv == v])
-            stacks.append(resize(gather_slice_stacks(vol, idx, k)))
-        for batch in torch.cat(stacks).split(batch_size):
-            out = net(batch.to(device))
-            moments.update([t.float() for t in out.targets], [r.float() for r in out.recons])
+            for chunk in idx.split(batch_size):  # native-size stacks one batch at a time (CT slices are large)
+                out = net(resize(gather_slice_stacks(vol, chunk, k)).to(device))
+                moments.update([t.float() for t in out.targets], [r.float() for r in out.recons])
         net.set_residual_stats(moments.stats(), moments.n)
     finally:
         net.train(was_training)
