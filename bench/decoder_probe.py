@@ -50,10 +50,9 @@ class DecoderSide(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
+        self.net = net  # its decoder side is what trains; the cached encoder features get no gradient
         self.extractor = net.extractor
-        self.bottleneck = net.bottleneck
         self.decoder = net.decoder
-        self.groups = net.groups
         self.fixed: Tensor | None = None  # ``meanproto`` / ``globalproto``: the same prototypes for all images
         self.metric = "cosine"  # token distance of the map (monai_dnprd.anomaly_map.token_distance)
         self.unit = False  # ``model_uz``: residual_z of the unit vectors t/|t| - r/|r|
@@ -73,16 +72,7 @@ class DecoderSide(nn.Module):
             prototypes = self.fixed.expand(f.shape[0], -1, -1)
         else:
             prototypes = self.extractor(f) if valid is None else masked_extractor(self.extractor, f, valid)
-        z = self.bottleneck(f)
-        outs = []
-        for blk in self.decoder:
-            z = blk(z, prototypes)
-            outs.append(z)
-        outs = outs[::-1]
-        recons = []
-        for g in self.groups:
-            m = torch.stack([outs[i] for i in g]).mean(0)
-            recons.append(m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid))
+        recons = self.net.reconstruct(f, prototypes, grid)
         return recons, prototypes
 
 

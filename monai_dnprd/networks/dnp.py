@@ -225,6 +225,23 @@ class DNPConFormer(nn.Module):
             self.residual_moments[1, g].copy_(std)
         self.residual_tokens.fill_(int(n_tokens))
 
+    @staticmethod
+    def _grouped(ts: Sequence[Tensor], g: Sequence[int], grid: tuple[int, int]) -> Tensor:
+        """Mean of the (B, N, C) maps ``ts[i]`` for i in ``g``, as a (B, C, h, w) grid."""
+        m = torch.stack([ts[i] for i in g]).mean(0)
+        return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid)
+
+    def reconstruct(self, f: Tensor, prototypes: Tensor, grid: tuple[int, int]) -> list[Tensor]:
+        """Decoder side: fused tokens (B, N, C) through the bottleneck and the prototype-attention blocks ->
+        one (B, C, h, w) reconstruction per feature group (decoder outputs in reverse order, as the taps)."""
+        z = self.bottleneck(f)
+        outs = []
+        for blk in self.decoder:
+            z = blk(z, prototypes)
+            outs.append(z)
+        outs = outs[::-1]
+        return [self._grouped(outs, g, grid) for g in self.groups]
+
     def forward(self, x: Tensor) -> DNPOutput:
         """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets."""
         hh, ww = x.shape[-2:]
@@ -235,20 +252,9 @@ class DNPConFormer(nn.Module):
         feats = self.encoder(x, self.taps)
         f = torch.stack(feats).mean(0)
         prototypes = self.extractor(f)
-        z = self.bottleneck(f)
-        outs = []
-        for blk in self.decoder:
-            z = blk(z, prototypes)
-            outs.append(z)
-        outs = outs[::-1]
+        recons = self.reconstruct(f, prototypes, grid)
         with torch.no_grad():
             tfeats = self.teacher(x, self.taps)
             assignments = (F.normalize(f, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)).argmax(-1)
-
-        def grouped(ts: list[Tensor], g: list[int]) -> Tensor:
-            m = torch.stack([ts[i] for i in g]).mean(0)
-            return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid)
-
-        targets = [grouped(tfeats, g).detach() for g in self.groups]
-        recons = [grouped(outs, g) for g in self.groups]
+        targets = [self._grouped(tfeats, g, grid).detach() for g in self.groups]
         return DNPOutput(targets=targets, recons=recons, prototypes=prototypes, tokens=f, assignments=assignments)
