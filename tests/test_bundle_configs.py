@@ -70,3 +70,31 @@ def test_every_training_option_is_documented_in_the_bundle_readme():
     assert len(options) > 30
     undocumented = [k for k in options if f"`{k}`" not in docs]
     assert not undocumented, f"options of train.json missing from bundle/docs/README.md: {undocumented}"
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_spatial_augmentation_of_training_slices(prob):
+    """`spatial_aug_prob` drives a random rotation/scaling of the training slice stacks, zero-padded.
+
+    With probability 1 an off-centre blob moves (all channels alike, background stays 0); with 0 the geometry
+    is untouched (only flips and intensity scaling remain, which keep the set of foreground pixels symmetric).
+    """
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    assert isinstance(parser["spatial_aug_prob"], float) and 0.0 <= parser["spatial_aug_prob"] <= 1.0
+    parser["spatial_aug_prob"] = prob
+    parser["img_size"] = 32
+    compose = parser.get_parsed_content("slice_transforms")
+    affine = next(t for t in compose.transforms if type(t).__name__ == "RandAffined")
+    assert affine.prob == prob
+    img = torch.zeros(3, 32, 32)
+    img[:, 4:12, 6:10] = 0.7  # off-centre, not symmetric under a left-right flip of the slice
+    moved = 0
+    for seed in range(8):
+        compose.set_random_state(seed)
+        out = compose({"image": img.clone()})["image"]
+        fg = out[0] > 0.05
+        assert torch.equal(fg, out[2] > 0.05)  # one transform for the whole 2.5D stack
+        flips = (img[0] > 0, torch.flip(img[0] > 0, dims=(0,)))
+        moved += int(not any(torch.equal(fg, f) for f in flips))
+    assert (moved == 8) if prob == 1.0 else (moved == 0)
