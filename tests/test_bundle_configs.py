@@ -100,6 +100,7 @@ def test_spatial_augmentation_of_training_slices(prob):
         out = compose({"image": img.clone()})["image"]
         fg = out[0] > 0.05
         assert torch.equal(fg, out[2] > 0.05)  # one transform for the whole 2.5D stack
+        assert out[:, 26:, 26:].abs().max() == 0  # zero padding: no tissue appears far from the blob
         flips = (img[0] > 0, torch.flip(img[0] > 0, dims=(0,)))
         moved += int(not any(torch.equal(fg, f) for f in flips))
     assert (moved == 8) if prob == 1.0 else (moved == 0)
