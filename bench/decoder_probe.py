@@ -17,7 +17,11 @@ the model's own decoder or map:
 - the model's own decoder with another token distance: ``model`` (the cosine, a check of this script's
   scoring path: it reproduces the model's own figures), ``model_resz`` (``residual_z``), ``model_geo``
   (``cosine_residual_z``), ``model_uz`` (the z-scored residual of the unit vectors t/|t| - r/|r|); their
-  residual statistics come from the cache (``--shrink`` pulls each channel's variance toward the mean one).
+  residual statistics come from the cache (``--shrink`` pulls each channel's variance toward the mean one);
+  ``model_geo_cluster`` (``cosine_residual_z`` with residual statistics conditional on the kind of token: the
+  normal teacher tokens are split into ``--clusters`` groups by k-means on their directions, each token is
+  z-scored with the mean/std of its nearest group, so that tissue the decoder always rebuilds poorly, e.g. the
+  structure-rich mid-brain slices, is measured against its own normal error).
 
     python bench/decoder_probe.py --ckpt runs/demo/models/model.pt --variants paper softmax
     python bench/decoder_probe.py --ckpt RUN/train/models/model.pt --bank RUN/normal \\
@@ -59,6 +63,7 @@ class DecoderSide(nn.Module):
         self.res_stats: list[tuple[Tensor, Tensor]] | None = None  # residual mean/std per group, fitted on the cache
         self.masked = False  # prototypes from tissue tokens only (``fgproto`` variants)
         self.stats: tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]] | None = None  # set for the ``std`` variant
+        self.clusters: ClusterResiduals | None = None  # ``model_geo_cluster``: cluster-conditional residual statistics
 
     def standardise(self, f: Tensor, targets: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """Per-channel z-scores against the normal cache (identity unless ``stats`` is set)."""
@@ -118,7 +123,62 @@ def softmax_forward(self, x: Tensor, prototypes: Tensor) -> Tensor:
     return x + self.mlp(self.norm2(x))
 
 
-MAP_VARIANTS = {"model_resz": "residual_z", "model_geo": "cosine_residual_z", "model_uz": "residual_z"}
+MAP_VARIANTS = {"model_resz": "residual_z", "model_geo": "cosine_residual_z", "model_uz": "residual_z",
+                "model_geo_cluster": "cosine_residual_z"}
+
+
+def kmeans_directions(x: Tensor, k: int, iterations: int = 25, seed: int = 0) -> Tensor:
+    """(k, C) unit centroids of the rows of ``x`` (N, C) by spherical k-means (k-means++ start, cosine)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = F.normalize(x.float(), dim=1)
+    centres = [u[torch.randint(0, u.shape[0], (1,), generator=gen)]]
+    for _ in range(1, k):
+        d = (1.0 - (u @ torch.cat(centres).T).amax(1)).clamp_min(0.0)
+        centres.append(u[torch.multinomial(d / d.sum(), 1, generator=gen)])
+    c = torch.cat(centres)
+    for _ in range(iterations):
+        idx = (u @ c.T).argmax(1)
+        new = torch.zeros_like(c).index_add_(0, idx, u)
+        c = torch.where(new.norm(dim=1, keepdim=True) > 0, F.normalize(new, dim=1), c)
+    return c
+
+
+class ClusterResiduals:
+    """Residual mean/std of each feature group per k-means cluster of the normal teacher tokens."""
+
+    def __init__(self, centres: list[Tensor], stats: list[tuple[Tensor, Tensor]]) -> None:
+        self.centres, self.stats = centres, stats  # per group: (K, C); (K, C) mean and (K, C) std
+
+    @classmethod
+    @torch.inference_mode()
+    def fit(cls, side: DecoderSide, f: Tensor, targets: list[Tensor], grid: tuple[int, int], k: int,
+            seed: int = 0) -> ClusterResiduals:
+        recons = [torch.cat(parts) for parts in zip(*(side(f[i : i + 64], grid)[0] for i in range(0, f.shape[0], 64)))]
+        centres, stats = [], []
+        for t, r in zip(targets, recons):
+            tt, rr = (a.movedim(1, -1).reshape(-1, a.shape[1]).double() for a in (t, r))
+            c = kmeans_directions(tt, k, seed=seed)
+            idx = (F.normalize(tt.float(), dim=1) @ c.T).argmax(1)
+            res = tt - rr
+            n = torch.bincount(idx, minlength=k).double().clamp_min(2.0)[:, None]
+            mean = torch.zeros(k, res.shape[1], dtype=torch.float64).index_add_(0, idx, res) / n
+            var = torch.zeros_like(mean).index_add_(0, idx, (res - mean[idx]).square()) / (n - 1)
+            std = var.sqrt()
+            std = std.clamp_min(max(float(std.max()) * 1e-3, 1e-12))
+            centres.append(c)
+            stats.append((mean.float(), std.float()))
+            print(f"cluster sizes {torch.bincount(idx, minlength=k).tolist()}", flush=True)
+        return cls(centres, stats)
+
+    def distance(self, targets: list[Tensor], recons: list[Tensor]) -> Tensor:
+        """Mean over groups of sqrt(cosine distance * cluster-conditional residual z), (B, h, w)."""
+        maps = []
+        for t, r, c, (mean, std) in zip(targets, recons, self.centres, self.stats):
+            idx = torch.einsum("bchw,kc->bkhw", F.normalize(t.float(), dim=1), c).argmax(1)  # (B, h, w)
+            z = ((t - r).float() - mean[idx].movedim(-1, 1)) / std[idx].movedim(-1, 1)
+            cos = 1.0 - F.cosine_similarity(t.float(), r.float(), dim=1)
+            maps.append((cos.clamp_min(0.0) * z.square().mean(1).sqrt()).sqrt())
+        return torch.stack(maps).mean(0)
 
 
 @torch.inference_mode()
@@ -234,7 +294,7 @@ def train_variant(side: DecoderSide, f: Tensor, targets: list[Tensor], grid: tup
 
 def variant_inferer(base, side: DecoderSide):
     """The workflow's inferer with ``side`` rebuilding the teacher targets from the model's fused tokens."""
-    from monai_dnprd.anomaly_map import slice_anomaly_map
+    from monai_dnprd.anomaly_map import slice_anomaly_map, upsample_blur
     from monai_dnprd.inferer import DNPVolumeInferer
 
     class VariantInferer(DNPVolumeInferer):
@@ -248,6 +308,8 @@ def variant_inferer(base, side: DecoderSide):
             if side.unit:
                 targets = [F.normalize(t, dim=1) for t in targets]
                 recons = [F.normalize(r, dim=1) for r in recons]
+            if side.clusters is not None:
+                return upsample_blur(side.clusters.distance(targets, recons), tuple(out_size), sigma).unsqueeze(1).cpu()
             return slice_anomaly_map(targets, recons, tuple(out_size), sigma, side.metric, side.res_stats).cpu()
 
     return VariantInferer(base.img_size, base.k, base.axis, base.batch_size, base.sigma, base.z_sigma, base.precision)
@@ -266,6 +328,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shrink", type=float, default=0.0, help="residual maps: shrink each channel's residual variance "
                     "toward the mean variance by this fraction (1 = plain RMS residual)")
+    ap.add_argument("--clusters", type=int, default=8, help="model_geo_cluster: k-means groups of normal tokens")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args()
 
@@ -287,6 +350,8 @@ def main() -> None:
         ff, tt = f, targets
         if side.metric != "cosine":
             side.res_stats = fit_cache_residuals(side, f, targets, grid, args.shrink)
+        if name == "model_geo_cluster":
+            side.clusters = ClusterResiduals.fit(side, f, targets, grid, args.clusters, args.seed)
         if name == "model_meanproto":
             with torch.inference_mode():
                 side.fixed = torch.cat([side.extractor(part) for part in f.split(64)]).mean(0, keepdim=True).clone()

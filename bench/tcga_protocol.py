@@ -8,6 +8,7 @@ median-filtered; (b) per-voxel z-score against the normal training intensities; 
 
 Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out runs/bench_tcga] [--iterations 600]
        python bench/tcga_protocol.py --out runs/bench_tcga --rescore   (metrics again, no training)
+       python bench/tcga_protocol.py --out runs/bench_tcga --own_case  (each trained model on its own training case)
 Prints a table and writes OUT/results.json.
 """
 
@@ -121,6 +122,46 @@ def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: lis
     return maps
 
 
+def own_case(work: Path, train_case: Path, gap: int = 2) -> dict:
+    """Score a direction's trained model on the whole volume of its own training case (a diagnostic).
+
+    The tumour there lies at levels the model never trained on, so this separates "the test brain differs from
+    the training brain" from "the model's map is uneven over normal anatomy". Besides the metrics it reports
+    the mean map on tumour-free brain at the levels the training slabs cover and at the other levels, and the
+    share of the map's top 2 % that lies in the tumour and at the training levels.
+    """
+    from monai_dnprd.metrics import VolumeMetricAccumulator
+
+    own = work / "own_case"
+    shutil.rmtree(own, ignore_errors=True)
+    (own / "test").mkdir(parents=True)
+    (own / "labels").mkdir()
+    shutil.copy(next(train_case.glob("*_fla_bet.nii.gz")), own / "test" / "case.nii.gz")
+    shutil.copy(train_case / "fusion_simple_seg.nii.gz", own / "labels" / "case.nii.gz")
+    run_bundle("evaluate.json", "evaluating", input_dir=str(own / "test"), label_dir=str(own / "labels"),
+               output_dir=str(own / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"), report="false")
+    model_map = np.asarray(nib.load(str(own / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
+    label = np.asarray(nib.load(str(own / "labels" / "case.nii.gz")).dataobj) > 0
+    fg = model_map > 0
+    zs = np.flatnonzero(label.any(axis=(0, 1)))
+    levels = np.arange(label.shape[2])
+    seen = ((levels < zs.min() - gap) | (levels > zs.max() + gap))[None, None, :]
+    top = fg & (model_map >= np.quantile(model_map[fg], 0.98))
+    normal = fg & ~label
+    res = {"mean_map_normal_seen_levels": float(model_map[normal & seen].mean()),
+           "mean_map_normal_unseen_levels": float(model_map[normal & ~seen].mean()),
+           "top2_share_in_tumour": float((top & label).sum() / top.sum()),
+           "top2_share_at_training_levels": float((top & seen).sum() / top.sum())}
+    maps = {"dnp_conformer": model_map, **baselines(own / "test" / "case.nii.gz", own / "labels" / "case.nii.gz", fg,
+                                                    sorted((work / "normal").glob("*.nii.gz")))}
+    for name in ("dnp_conformer", "flair_zscore_median3"):
+        acc = VolumeMetricAccumulator(axis=2)
+        acc.add("case", maps[name], label=label, mask=fg)
+        r = acc.compute()["voxel"]
+        res[name] = {"voxel_auroc": r["auroc"], "voxel_ap": r["ap"], "voxel_best_dice": r["best_dice"]}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tcga_lgg"))
@@ -131,6 +172,8 @@ def main() -> None:
     ap.add_argument("--only", type=int, choices=[0, 1], help="run one direction only (0: first case -> second)")
     ap.add_argument("--rescore", action="store_true",
                     help="reuse the trained models and maps under --out: recompute the metrics and baselines only")
+    ap.add_argument("--own_case", action="store_true",
+                    help="score each trained model under --out on its own training case (no training, a diagnostic)")
     args = ap.parse_args()
     from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
 
@@ -144,6 +187,19 @@ def main() -> None:
         if args.only is not None and i != args.only:
             if (work / "result.json").is_file():
                 results[tag] = json.loads((work / "result.json").read_text())
+            continue
+        if args.own_case:
+            if not (work / "train" / "models" / "model.pt").is_file():
+                print(f"{tag}: no trained model under {work}, skipped", flush=True)
+                continue
+            res = own_case(work, train_case)
+            (work / "own_case.json").write_text(json.dumps(res, indent=1))
+            d, b = res["dnp_conformer"], res["flair_zscore_median3"]
+            print(f"{train_case.name} model on its own case: voxel AUROC {d['voxel_auroc']:.3f} AP {d['voxel_ap']:.3f} "
+                  f"best Dice {d['voxel_best_dice']:.3f} (FLAIR median3 AP {b['voxel_ap']:.3f} Dice {b['voxel_best_dice']:.3f}); "
+                  f"mean map on normal brain at training levels {res['mean_map_normal_seen_levels']:.3f}, elsewhere "
+                  f"{res['mean_map_normal_unseen_levels']:.3f}; top 2 %: {res['top2_share_in_tumour']:.0%} in the tumour, "
+                  f"{res['top2_share_at_training_levels']:.0%} at training levels", flush=True)
             continue
         test_dir, label_dir = work / "test", work / "labels"
         if args.rescore:
@@ -182,6 +238,8 @@ def main() -> None:
                                   "slice_ap": r["slice"]["ap"], "aupro": r["voxel"]["aupro"]}
         (work / "result.json").write_text(json.dumps(results[tag], indent=1))
         print(tag, json.dumps(results[tag], indent=1))
+    if args.own_case:
+        return
     (out / "results.json").write_text(json.dumps(results, indent=1))
     rows = ["| direction | method | voxel AUROC | voxel AP | best Dice | AUPRO | slice AUROC | slice AP |", "|---|---|---|---|---|---|---|---|"]
     for tag, res in results.items():
