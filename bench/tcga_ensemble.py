@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tcga_protocol import case_metrics  # noqa: E402
 
 
 def calibrated_map(run: Path) -> np.ndarray:
@@ -25,15 +29,6 @@ def calibrated_map(run: Path) -> np.ndarray:
     cal = json.loads((run / "train" / "models" / "calibration.json").read_text())
     q50, q99 = np.interp([0.5, 0.99], cal["levels"], cal["values"])
     return (m - q50) / max(q99 - q50, 1e-12)
-
-
-def voxel_metrics(score: np.ndarray, label: np.ndarray, fg: np.ndarray) -> dict:
-    from monai_dnprd.metrics import VolumeMetricAccumulator
-
-    acc = VolumeMetricAccumulator(axis=2)
-    acc.add("case", score, label=label, mask=fg)
-    r = acc.compute()["voxel"]
-    return {"voxel_auroc": r["auroc"], "voxel_ap": r["ap"], "voxel_best_dice": r["best_dice"]}
 
 
 def main() -> None:
@@ -47,10 +42,10 @@ def main() -> None:
         if not np.array_equal(np.asarray(nib.load(str(run / "labels" / "case.nii.gz")).dataobj) > 0, label):
             raise SystemExit(f"{run} has another test case than {args.runs[0]}")
         maps.append(calibrated_map(run))
-        r = voxel_metrics(np.where(fg, maps[-1], 0), label, fg)
+        r = case_metrics(np.where(fg, maps[-1], 0), label, fg)
         print(f"{run}: voxel AUROC {r['voxel_auroc']:.3f} AP {r['voxel_ap']:.3f} best Dice {r['voxel_best_dice']:.3f}")
     mean = np.mean(maps, axis=0)
-    r = voxel_metrics(np.where(fg, mean - mean[fg].min(), 0), label, fg)
+    r = case_metrics(np.where(fg, mean - mean[fg].min(), 0), label, fg)
     print(f"ensemble of {len(maps)}: voxel AUROC {r['voxel_auroc']:.3f} AP {r['voxel_ap']:.3f} best Dice {r['voxel_best_dice']:.3f}")
 
 

@@ -122,6 +122,17 @@ def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: lis
     return maps
 
 
+def case_metrics(score: np.ndarray, label: np.ndarray, fg: np.ndarray) -> dict[str, float]:
+    """The protocol's metrics of one map on one test volume, inside the foreground ``fg``."""
+    from monai_dnprd.metrics import VolumeMetricAccumulator
+
+    acc = VolumeMetricAccumulator(axis=2)
+    acc.add("case", score, label=label, mask=fg)
+    r = acc.compute()
+    return {"voxel_auroc": r["voxel"]["auroc"], "voxel_ap": r["voxel"]["ap"], "voxel_best_dice": r["voxel"]["best_dice"],
+            "slice_auroc": r["slice"]["auroc"], "slice_ap": r["slice"]["ap"], "aupro": r["voxel"]["aupro"]}
+
+
 def own_case(work: Path, train_case: Path, gap: int = 2) -> dict:
     """Score a direction's trained model on the whole volume of its own training case (a diagnostic).
 
@@ -130,8 +141,6 @@ def own_case(work: Path, train_case: Path, gap: int = 2) -> dict:
     the mean map on tumour-free brain at the levels the training slabs cover and at the other levels, and the
     share of the map's top 2 % that lies in the tumour and at the training levels.
     """
-    from monai_dnprd.metrics import VolumeMetricAccumulator
-
     own = work / "own_case"
     shutil.rmtree(own, ignore_errors=True)
     (own / "test").mkdir(parents=True)
@@ -155,10 +164,7 @@ def own_case(work: Path, train_case: Path, gap: int = 2) -> dict:
     maps = {"dnp_conformer": model_map, **baselines(own / "test" / "case.nii.gz", own / "labels" / "case.nii.gz", fg,
                                                     sorted((work / "normal").glob("*.nii.gz")))}
     for name in ("dnp_conformer", "flair_zscore_median3"):
-        acc = VolumeMetricAccumulator(axis=2)
-        acc.add("case", maps[name], label=label, mask=fg)
-        r = acc.compute()["voxel"]
-        res[name] = {"voxel_auroc": r["auroc"], "voxel_ap": r["ap"], "voxel_best_dice": r["best_dice"]}
+        res[name] = case_metrics(maps[name], label, fg)
     return res
 
 
@@ -175,7 +181,6 @@ def main() -> None:
     ap.add_argument("--own_case", action="store_true",
                     help="score each trained model under --out on its own training case (no training, a diagnostic)")
     args = ap.parse_args()
-    from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
 
     data, out = Path(args.data), Path(args.out)
     cases = sorted(p for p in data.iterdir() if p.is_dir())
@@ -230,12 +235,7 @@ def main() -> None:
                 **baselines(test_dir / "case.nii.gz", label_dir / "case.nii.gz", fg, train_slabs, model_map=model_map)}
         results[tag] = {"train_seconds": train_s, "foreground_voxels": int(fg.sum()), "lesion_voxels": int((label & fg).sum())}
         for name, m in maps.items():
-            acc = VolumeMetricAccumulator(axis=2)
-            acc.add("case", m, label=label, mask=fg)
-            r = acc.compute()
-            results[tag][name] = {"voxel_auroc": r["voxel"]["auroc"], "voxel_ap": r["voxel"]["ap"],
-                                  "voxel_best_dice": r["voxel"]["best_dice"], "slice_auroc": r["slice"]["auroc"],
-                                  "slice_ap": r["slice"]["ap"], "aupro": r["voxel"]["aupro"]}
+            results[tag][name] = case_metrics(m, label, fg)
         (work / "result.json").write_text(json.dumps(results[tag], indent=1))
         print(tag, json.dumps(results[tag], indent=1))
     if args.own_case:
