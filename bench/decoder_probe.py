@@ -348,10 +348,10 @@ def main() -> None:
     for name in args.variants:
         side = make_variant(network, name)
         ff, tt = f, targets
-        if side.metric != "cosine":
-            side.res_stats = fit_cache_residuals(side, f, targets, grid, args.shrink)
-        if name == "model_geo_cluster":
+        if name == "model_geo_cluster":  # its own per-cluster statistics replace the global ones
             side.clusters = ClusterResiduals.fit(side, f, targets, grid, args.clusters, args.seed)
+        elif side.metric != "cosine":
+            side.res_stats = fit_cache_residuals(side, f, targets, grid, args.shrink)
         if name == "model_meanproto":
             with torch.inference_mode():
                 side.fixed = torch.cat([side.extractor(part) for part in f.split(64)]).mean(0, keepdim=True).clone()

@@ -12,7 +12,6 @@ Usage: python bench/tcga_ensemble.py RUN_DIR [RUN_DIR ...]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,9 +24,11 @@ from tcga_protocol import case_metrics  # noqa: E402
 
 def calibrated_map(run: Path) -> np.ndarray:
     """The run's test map in units of its normal score spread (0 at the normal median, 1 at the normal q99)."""
+    from monai_dnprd.calibration import Calibration
+
     m = np.asarray(nib.load(str(run / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
-    cal = json.loads((run / "train" / "models" / "calibration.json").read_text())
-    q50, q99 = np.interp([0.5, 0.99], cal["levels"], cal["values"])
+    cal = Calibration.load(run / "train" / "models" / "calibration.json")
+    q50, q99 = cal.voxel_threshold(0.5), cal.voxel_threshold(0.01)
     return (m - q50) / max(q99 - q50, 1e-12)
 
 
