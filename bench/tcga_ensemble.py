@@ -1,53 +1,54 @@
-"""Does averaging several trained models help? Metrics of an ensemble of bench/tcga_protocol.py runs.
+"""Does averaging several trained models help? The bundle's ensemble evaluation on bench/tcga_protocol.py runs.
 
-Each run's map of the same test volume is put on its model's own normal scale before the average: (m - q50) /
-(q99 - q50), with q50 and q99 the median and 99th percentile of the normal voxel scores in the model's
-calibration (held-out normal slabs, no test data). The ensemble and each member are scored on the test volume's
-foreground with the evaluation metrics.
+Runs the evaluation workflow once with every run's model as an ensemble member (``--ckpt_path`` given a list;
+monai_dnprd.ensemble: each member's map divided by the 99th percentile of its normal calibration scores, then
+averaged) on the runs' common test case, and prints the members' own results (their eval/metrics.json from the
+protocol) next to the ensemble's. ``--own_case`` does the same on the runs' common training case (the whole
+volume, tumour included), after ``bench/tcga_protocol.py --own_case`` scored the members there.
 
-Usage: python bench/tcga_ensemble.py RUN_DIR [RUN_DIR ...]
+Usage: python bench/tcga_ensemble.py RUN_DIR [RUN_DIR ...] [--own_case] [--out OUT]
        (RUN_DIR: one direction of a protocol run, e.g. runs/bench_tcga/TCGA-DU-7294-TCGA-FG-6692)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tcga_protocol import case_metrics  # noqa: E402
+from tcga_protocol import run_bundle  # noqa: E402
 
 
-def calibrated_map(run: Path) -> np.ndarray:
-    """The run's test map in units of its normal score spread (0 at the normal median, 1 at the normal q99)."""
-    from monai_dnprd.calibration import Calibration
-
-    m = np.asarray(nib.load(str(run / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
-    cal = Calibration.load(run / "train" / "models" / "calibration.json")
-    q50, q99 = cal.voxel_threshold(0.5), cal.voxel_threshold(0.01)
-    return (m - q50) / max(q99 - q50, 1e-12)
+def row(name: str, metrics: dict) -> str:
+    v = metrics["voxel"]
+    return f"{name}: voxel AUROC {v['auroc']:.3f} AP {v['ap']:.3f} best Dice {v['best_dice']:.3f}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="direction folders of bench/tcga_protocol.py runs, same test case")
+    ap.add_argument("--own_case", action="store_true", help="evaluate on the runs' training case (own_case/ folders)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder of the ensemble evaluation (default: temporary)")
     args = ap.parse_args()
-    label = np.asarray(nib.load(str(args.runs[0] / "labels" / "case.nii.gz")).dataobj) > 0
-    fg = np.asarray(nib.load(str(args.runs[0] / "eval" / "case.nii.gz")).dataobj) > 0
-    maps = []
-    for run in args.runs:
-        if not np.array_equal(np.asarray(nib.load(str(run / "labels" / "case.nii.gz")).dataobj) > 0, label):
-            raise SystemExit(f"{run} has another test case than {args.runs[0]}")
-        maps.append(calibrated_map(run))
-        r = case_metrics(np.where(fg, maps[-1], 0), label, fg)
-        print(f"{run}: voxel AUROC {r['voxel_auroc']:.3f} AP {r['voxel_ap']:.3f} best Dice {r['voxel_best_dice']:.3f}")
-    mean = np.mean(maps, axis=0)
-    r = case_metrics(np.where(fg, mean - mean[fg].min(), 0), label, fg)
-    print(f"ensemble of {len(maps)}: voxel AUROC {r['voxel_auroc']:.3f} AP {r['voxel_ap']:.3f} best Dice {r['voxel_best_dice']:.3f}")
+    cases = [run / "own_case" if args.own_case else run for run in args.runs]
+    label = np.asarray(nib.load(str(cases[0] / "labels" / "case.nii.gz")).dataobj) > 0
+    for case in cases[1:]:
+        if not np.array_equal(np.asarray(nib.load(str(case / "labels" / "case.nii.gz")).dataobj) > 0, label):
+            raise SystemExit(f"{case} has another test case than {cases[0]}")
+    for run, case in zip(args.runs, cases):
+        print(row(str(run), json.loads((case / "eval" / "metrics.json").read_text())), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp) / "ensemble"
+        run_bundle("evaluate.json", "evaluating", input_dir=str(cases[0] / "test"),
+                   label_dir=str(cases[0] / "labels"), output_dir=str(out), report="false",
+                   ckpt_path=[str(run / "train" / "models" / "model.pt") for run in args.runs])
+        print(row(f"ensemble of {len(args.runs)}", json.loads((out / "metrics.json").read_text())), flush=True)
 
 
 if __name__ == "__main__":

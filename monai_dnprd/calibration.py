@@ -12,14 +12,17 @@ threshold is ``mean + z(1 - fpr) * std`` and the [0, 1] score is the Gaussian CD
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["Calibration", "QUANTILE_LEVELS", "fit_residual_stats", "residual_fit_slices"]
+__all__ = ["Calibration", "QUANTILE_LEVELS", "calibrate", "calibrate_folder", "fit_residual_stats", "residual_fit_slices"]
+
+logger = logging.getLogger("monai_dnprd")
 
 # dense in the upper tail, where thresholds for small false-positive rates live
 QUANTILE_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 1001), 1.0 - np.logspace(-7, -1, 301)]))
@@ -109,6 +112,71 @@ class Calibration:
         if d.get("format") != "monai-dnprd-calibration/1":
             raise ValueError(f"{path}: not a monai-dnprd calibration file")
         return cls(d["levels"], d["values"], d["volume_scores"], d["n_voxels"])
+
+
+@torch.no_grad()
+def calibrate(volumes: Iterable[dict], network: torch.nn.Module, inferer: Callable, score_q: float = 0.01) -> Calibration:
+    """Score preprocessed NORMAL volumes (dicts with ``image`` and ``mask``) and summarise their scores.
+
+    ``volumes`` may be a generator, so that only one volume is held in memory at a time.
+    """
+    from monai_dnprd.anomaly_map import top_percent_score
+
+    voxel_values, volume_scores = [], []
+    for d in volumes:
+        pred = inferer(d["image"], network, mask=d["mask"])
+        values = torch.as_tensor(pred)[torch.as_tensor(d["mask"]) > 0]
+        voxel_values.append(values.float().cpu().numpy())
+        volume_scores.append(float(top_percent_score(values, q=score_q)))
+    return Calibration.from_scores(voxel_values, volume_scores)
+
+
+def calibrate_folder(
+    folder: str | Path,
+    preprocessing: Callable,
+    network: torch.nn.Module,
+    inferer: Callable,
+    score_q: float,
+    path: str | Path,
+) -> Path:
+    """Calibrate on every volume found in ``folder`` (NORMAL volumes that the model never trained on), save the
+    result to ``path`` and return it. Volumes that fail to load are skipped with a warning; none usable is an error.
+
+    Inference uses this for a model or an ensemble whose own calibration is missing or does not fit the data
+    (another site or scanner): the thresholds then come from normal volumes of the data at hand.
+    """
+    from monai_dnprd.data import SafeDataset
+    from monai_dnprd.io import VolumeError, find_volumes
+
+    try:
+        found, problems = find_volumes(folder)
+    except VolumeError as err:  # missing or empty folder
+        raise VolumeError(str(folder), f"--calibration_dir: {err.reason}") from None
+    for problem in problems:
+        logger.warning("calibration: skipped %s", problem)
+    if not found:
+        raise VolumeError(str(folder), "--calibration_dir: no usable volume to calibrate on")
+    dataset = SafeDataset(found, transform=preprocessing)
+    used: list[str] = []
+
+    def usable() -> Iterable[dict]:
+        for i in range(len(dataset)):
+            d = dataset[i]
+            if d.get("error"):
+                logger.warning("calibration: skipped %s: %s", d.get("image"), d["error"])
+                continue
+            used.append(str(d.get("name")))
+            logger.info("calibration [%d/%d] %s", i + 1, len(dataset), d.get("name"))
+            yield d
+
+    try:
+        cal = calibrate(usable(), network, inferer, score_q)
+    except ValueError as err:  # every volume failed
+        raise VolumeError(str(folder), f"no usable calibration volume ({err})") from None
+    out = cal.save(path)
+    logger.info("calibration on %d normal volume(s) of %s: voxel threshold at FPR 1%%: %.4f -> %s",
+                len(used), folder, cal.voxel_threshold(0.01), out)
+    return out
 
 
 def residual_fit_slices(masks: Sequence[torch.Tensor], max_slices: int, min_foreground: float = 0.15) -> list[tuple[int, int]]:

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from monai_dnprd.anomaly_map import top_percent_score
-from monai_dnprd.calibration import Calibration, fit_residual_stats
+from monai_dnprd.calibration import calibrate, fit_residual_stats
 from monai_dnprd.checkpoint import export_model, load_checkpoint, save_atomic
 from monai_dnprd.data import preprocess_volumes
 from monai_dnprd.distributed import rank
@@ -272,16 +271,11 @@ class CalibrationHandler:
     def _calibrate(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        voxel_values, volume_scores = [], []
-        for d in preprocess_volumes(self.datalist, self.preprocessing, what="calibration"):
-            pred = self.inferer(d["image"], self.network, mask=d["mask"])
-            values = torch.as_tensor(pred)[torch.as_tensor(d["mask"]) > 0]
-            voxel_values.append(values.numpy())
-            volume_scores.append(float(top_percent_score(values, q=self.score_q)))
-        cal = Calibration.from_scores(voxel_values, volume_scores)
+        volumes = preprocess_volumes(self.datalist, self.preprocessing, what="calibration")
+        cal = calibrate(volumes, self.network, self.inferer, self.score_q)
         cal.save(self.path)
         logger.info("calibration on %d normal volumes: volume score %.4f +- %.4f, voxel threshold at FPR 1%%: %.4f -> %s",
-                    len(volume_scores), cal.volume_mean, cal.volume_std, cal.voxel_threshold(0.01), self.path)
+                    cal.volume_scores.size, cal.volume_mean, cal.volume_std, cal.voxel_threshold(0.01), self.path)
 
 
 class ResidualStatsHandler:

@@ -1,0 +1,182 @@
+"""Ensembles of checkpoints: scale maths, checkpoint lists and globs, member checks, and the bundle workflows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import root_message, run_workflow
+from monai.data import MetaTensor
+
+from monai_dnprd.calibration import Calibration
+from monai_dnprd.checkpoint import CheckpointError, export_model
+from monai_dnprd.ensemble import EnsembleInferer, checkpoint_paths, ensemble_network, load_models, volume_inferer
+from monai_dnprd.inferer import DNPVolumeInferer
+from monai_dnprd.networks import DNPConFormer
+
+PARAMS = {"modality": "mri", "k": 1, "img_size": 16, "margin": 4, "spacing": None, "sigma": 1.0, "z_sigma": 0.0,
+          "score_q": 0.01}
+
+
+def tiny_net(seed: int) -> DNPConFormer:
+    torch.manual_seed(seed)
+    return DNPConFormer(img_size=16, patch_size=8, in_channels=3, vit="tiny", depth=2, num_register_tokens=0).eval()
+
+
+def save_member(folder: Path, seed: int, q99: float | None = 0.5, **params) -> Path:
+    """An exported tiny model, with a calibration whose 99th percentile of normal voxel scores is ``q99``."""
+    path = export_model(folder / "model.pt", tiny_net(seed), {**PARAMS, **params})
+    if q99 is not None:
+        values = np.linspace(0.0, q99 / 0.99, 10001)  # uniform normal scores: q99 == q99
+        Calibration.from_scores([values], [q99]).save(folder / "calibration.json")
+    return path
+
+
+@pytest.fixture
+def volume():
+    torch.manual_seed(2)
+    vol = MetaTensor(torch.rand(1, 20, 20, 7), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
+    mask = torch.zeros(1, 20, 20, 7, dtype=torch.uint8)
+    mask[:, 4:16, 4:16, 1:6] = 1
+    return vol, mask
+
+
+def test_ensemble_map_is_the_mean_of_member_maps_in_normal_units(volume):
+    vol, mask = volume
+    nets = [tiny_net(0), tiny_net(1)]
+    inferers = [DNPVolumeInferer(img_size=16, k=1, sigma=1.0), DNPVolumeInferer(img_size=16, k=1, sigma=0.0, z_sigma=1.0)]
+    maps = [inf(vol, net, mask=mask) for inf, net in zip(inferers, nets)]
+    out = EnsembleInferer(inferers, [0.5, 2.0])(vol, torch.nn.ModuleList(nets), mask=mask)
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, vol.affine) and out.shape == vol.shape
+    torch.testing.assert_close(out.as_tensor(), ((maps[0] / 0.5 + maps[1] / 2.0) / 2).as_tensor())
+    assert float(out[mask == 0].abs().max()) == 0.0 and float(out[mask > 0].max()) > 0.0
+    # one member: its map in units of its normal 99th percentile
+    single = EnsembleInferer(inferers[:1], [0.5])(vol, nets[0], mask=mask)
+    torch.testing.assert_close(single.as_tensor(), (maps[0] * 2.0).as_tensor())
+
+
+def test_ensemble_inferer_refuses_bad_scales_and_member_counts(volume):
+    vol, mask = volume
+    inf = DNPVolumeInferer(img_size=16, k=1)
+    with pytest.raises(ValueError, match="positive"):
+        EnsembleInferer([inf], [0.0])
+    with pytest.raises(ValueError, match="one normal scale per inferer"):
+        EnsembleInferer([inf, inf], [1.0])
+    with pytest.raises(ValueError, match="2 inferers but 3 networks"):
+        EnsembleInferer([inf, inf], [1.0, 1.0])(vol, torch.nn.ModuleList([tiny_net(0)] * 3), mask=mask)
+
+
+def test_checkpoint_paths_accepts_a_path_a_list_and_a_glob(tmp_path):
+    for name in ("b", "a", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").write_bytes(b"")
+    assert checkpoint_paths(str(tmp_path / "a" / "model.pt")) == [tmp_path / "a" / "model.pt"]
+    assert checkpoint_paths(str(tmp_path / "*" / "model.pt")) == [tmp_path / n / "model.pt" for n in "abc"]
+    assert checkpoint_paths([tmp_path / "c" / "model.pt", str(tmp_path / "[ab]" / "model.pt")]) == [
+        tmp_path / n / "model.pt" for n in "cab"]
+    with pytest.raises(CheckpointError, match="no checkpoint matches"):
+        checkpoint_paths(str(tmp_path / "*" / "missing.pt"))
+    with pytest.raises(CheckpointError, match="more than once"):
+        checkpoint_paths([str(tmp_path / "a" / "model.pt"), str(tmp_path / "?" / "model.pt")])
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        checkpoint_paths([])
+
+
+def test_load_models_builds_an_ensemble_and_checks_its_members(tmp_path):
+    dirs = [tmp_path / f"m{i}" for i in range(4)]
+    for d in dirs:
+        d.mkdir()
+    a = save_member(dirs[0], 0, q99=0.5)
+    b = save_member(dirs[1], 1, q99=2.0, img_size=16, sigma=3.0)
+    models = load_models([a, b])
+    assert [m[1]["normal_q99"] for m in models] == pytest.approx([0.5, 2.0], rel=1e-3)
+    assert isinstance(ensemble_network(models), torch.nn.ModuleList)
+    inferer = volume_inferer(models, batch_size=4)
+    assert [i.sigma for i in inferer.inferers] == [1.0, 3.0]  # each member keeps its own smoothing ...
+    assert [i.sigma for i in volume_inferer(models, sigma=0.5).inferers] == [0.5, 0.5]  # ... unless overridden
+    # a single checkpoint is used as it is: its own network and inferer, no calibration needed
+    single = load_models(str(save_member(dirs[2], 2, q99=None)))
+    assert isinstance(ensemble_network(single), DNPConFormer)
+    assert type(volume_inferer(single)) is DNPVolumeInferer
+    with pytest.raises(CheckpointError, match="calibration.json"):
+        load_models([a, dirs[2] / "model.pt"])
+    c = save_member(dirs[3], 3, modality="ct")
+    with pytest.raises(CheckpointError, match=r"different modality \('ct' vs 'mri'\)"):
+        load_models([a, c])
+
+
+# ----------------------------------------------------------------------------------- bundle workflows
+def copy_member(trained: Path, folder: Path, scale: float) -> Path:
+    """A copy of the trained model whose calibration's scores are multiplied by ``scale``."""
+    folder.mkdir(parents=True)
+    shutil.copy(trained / "models" / "model.pt", folder / "model.pt")
+    cal = json.loads((trained / "models" / "calibration.json").read_text())
+    cal["values"] = [v * scale for v in cal["values"]]
+    (folder / "calibration.json").write_text(json.dumps(cal))
+    return folder / "model.pt"
+
+
+@pytest.mark.slow
+def test_ensemble_inference_and_calibration_dir(trained, tiny_data, tmp_path):
+    model = trained / "models" / "model.pt"
+    run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]), output_dir=str(tmp_path / "single"),
+                 ckpt_path=str(model), num_workers=0, report="false")
+    copy_member(trained, tmp_path / "members" / "a", 1.0)
+    copy_member(trained, tmp_path / "members" / "b", 2.0)
+    out = tmp_path / "ensemble"
+    run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]), output_dir=str(out),
+                 ckpt_path=str(tmp_path / "members" / "*" / "model.pt"), num_workers=0)
+    q99 = Calibration.load(trained / "models" / "calibration.json").voxel_threshold(0.01)
+    for name in ("case_lesion", "case_normal"):
+        single = nib.load(str(tmp_path / "single" / f"{name}.nii.gz"))
+        ens = nib.load(str(out / f"{name}.nii.gz"))
+        assert ens.shape == single.shape
+        np.testing.assert_allclose(ens.affine, single.affine, atol=1e-6)
+        # same weights, normal scales q99 and 2 * q99: the mean is 0.75 * map / q99
+        np.testing.assert_allclose(ens.get_fdata(), 0.75 * single.get_fdata() / q99, rtol=1e-4, atol=1e-6)
+        assert not (out / f"{name}_mask.nii.gz").exists()  # no calibration of the ensemble: maps only
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert len(rows) == 2 and all(r["score"] and not r["anomalous"] for r in rows)
+    assert (out / "report" / "index.html").is_file()  # the report works without thresholds too
+
+    # --calibration_dir: the ensemble is calibrated on normal volumes, then thresholds and masks are written
+    cal_out = tmp_path / "calibrated"
+    run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]), output_dir=str(cal_out),
+                 ckpt_path=[str(tmp_path / "members" / m / "model.pt") for m in "ab"], num_workers=0, report="false",
+                 calibration_dir=str(tiny_data["val"]))
+    cal = json.loads((cal_out / "calibration.json").read_text())
+    assert cal["n_volumes"] == 1
+    rows = list(csv.DictReader(open(cal_out / "scores.csv")))
+    thr = Calibration.load(cal_out / "calibration.json").voxel_threshold(0.01)
+    assert all(r["anomalous"] in {"yes", "no"} and float(r["voxel_threshold"]) == pytest.approx(thr, rel=1e-5)
+               for r in rows)
+    for name in ("case_lesion", "case_normal"):
+        mask = np.asarray(nib.load(str(cal_out / f"{name}_mask.nii.gz")).dataobj)
+        ens = nib.load(str(out / f"{name}.nii.gz")).get_fdata()
+        np.testing.assert_array_equal(mask > 0, ens > thr)
+
+
+@pytest.mark.slow
+def test_calibration_dir_recalibrates_a_single_model_and_reports_bad_folders(trained, tiny_data, tmp_path):
+    model = str(trained / "models" / "model.pt")
+    out = tmp_path / "recal"
+    run_workflow("evaluate.json", "evaluating", input_dir=str(tiny_data["test"]), label_dir=str(tiny_data["labels"]),
+                 output_dir=str(out), ckpt_path=model, num_workers=0, report="false",
+                 calibration_dir=str(tiny_data["train"]))
+    new = Calibration.load(out / "calibration.json")
+    assert new.volume_scores.size == 4  # the four training volumes
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    assert all(float(r["voxel_threshold"]) == pytest.approx(new.voxel_threshold(0.01), rel=1e-5) for r in rows)
+    assert (out / "metrics.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(Exception) as err:
+        run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]), output_dir=str(tmp_path / "x"),
+                     ckpt_path=model, num_workers=0, calibration_dir=str(empty))
+    assert f"{empty}: --calibration_dir: no volumes found" in root_message(err.value)
