@@ -7,6 +7,7 @@ write (NIfTI). Peak RSS is the process maximum (ru_maxrss), which includes Pytho
 Usage:
   python bench/bench_inference.py --ckpt runs/demo/models/model.pt --volume ../shared/data/tcga_lgg/TCGA-DU-7294/TCGA-DU-7294_fla_bet.nii.gz
   python bench/bench_inference.py --ckpt ... --synthetic-ct 512,512,300    # a CT-sized volume made from the real CT
+  python bench/bench_inference.py --ckpt A/model.pt B/model.pt C/model.pt --volume ...   # an ensemble of three
 Options: --device cpu|cuda, --precision fp32|bf16, --batch-size N, --repeat N (best of N reported).
 """
 
@@ -41,7 +42,7 @@ def ct_volume(shape: tuple[int, int, int], out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--ckpt", required=True, nargs="+", help="one exported model, or several (an ensemble)")
     ap.add_argument("--volume")
     ap.add_argument("--synthetic-ct", help="X,Y,Z: benchmark a CT-sized volume made from the shared CT")
     ap.add_argument("--device", default="cpu")
@@ -52,23 +53,24 @@ def main() -> None:
 
     from monai.bundle import ConfigParser
 
-    from monai_dnprd.checkpoint import load_model
     from monai_dnprd.io import write_nifti
 
     tmp = Path(tempfile.mkdtemp())
     volume = Path(args.volume) if args.volume else ct_volume(tuple(int(v) for v in args.synthetic_ct.split(",")), tmp / "ct.nii.gz")
     device = torch.device(args.device)
-    net, info = load_model(args.ckpt, device)
-    params = info["preprocessing"]
     parser = ConfigParser()
     parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
-    parser.update({"ckpt_path": args.ckpt, "input_dir": str(volume.parent), "output_dir": str(tmp / "out"),
-                   "batch_size": args.batch_size, "precision": args.precision, "device": args.device})
+    parser.update({"ckpt_path": args.ckpt[0] if len(args.ckpt) == 1 else args.ckpt, "input_dir": str(volume.parent),
+                   "output_dir": str(tmp / "out"), "batch_size": args.batch_size, "precision": args.precision,
+                   "device": args.device})
+    params = parser.get_parsed_content("params")
     if "ct" in volume.name:
         parser["params"] = {**params, "modality": "ct"}
+    net = parser.get_parsed_content("network")
     preprocessing = parser.get_parsed_content("preprocessing")
     inverse = parser.get_parsed_content("inverse")
     inferer = parser.get_parsed_content("inferer")
+    members = getattr(inferer, "inferers", [inferer])  # an ensemble's per-model inferers
     best: dict[str, float] = {}
     for _ in range(args.repeat):
         t: dict[str, float] = {}
@@ -79,21 +81,24 @@ def main() -> None:
         for tr in preprocessing.transforms[1:]:
             d = tr(d)
         t["preprocess"] = time.perf_counter() - t0
-        # network and map, timed apart by wrapping the network call
+        # network and map, timed apart by wrapping the network call (of every member of an ensemble)
         net_time = [0.0]
-        original = inferer.slice_maps
 
-        def timed_slice_maps(network, stack, out_size, _orig=original):
-            t1 = time.perf_counter()
-            r = _orig(network, stack, out_size)
-            net_time[0] += time.perf_counter() - t1
-            return r
+        def timed(orig):
+            def timed_slice_maps(network, stack, out_size):
+                t1 = time.perf_counter()
+                r = orig(network, stack, out_size)
+                net_time[0] += time.perf_counter() - t1
+                return r
+            return timed_slice_maps
 
-        inferer.slice_maps = timed_slice_maps
+        for m in members:
+            m.slice_maps = timed(type(m).slice_maps.__get__(m))
         t0 = time.perf_counter()
         d["pred"] = inferer(d["image"].to(device), net, mask=d["mask"])
         total = time.perf_counter() - t0
-        inferer.slice_maps = original
+        for m in members:
+            del m.slice_maps
         t["network+slice maps"] = net_time[0]
         t["stack, z-smoothing, masking"] = total - net_time[0]
         n_slices = int((torch.as_tensor(d["mask"])[0] > 0).flatten(0, 1).any(0).sum())
@@ -111,7 +116,8 @@ def main() -> None:
     result = {"volume": volume.name, "shape": shape, "device": args.device, "precision": args.precision,
               "threads": torch.get_num_threads(), "seconds": {k: round(v, 3) for k, v in best.items()},
               "peak_rss_gb": round(peak_gb, 2), "img_size": params["img_size"], "k": params["k"],
-              "slices": n_slices, "slices_per_s_network": round(n_slices / max(best["network+slice maps"], 1e-9), 1)}
+              "models": len(members), "slices": n_slices,
+              "slices_per_s_network": round(len(members) * n_slices / max(best["network+slice maps"], 1e-9), 1)}
     print(json.dumps(result, indent=1))
 
 
