@@ -6,7 +6,7 @@ averaged) on the runs' common test case, and prints the members' own results (th
 protocol) next to the ensemble's. ``--own_case`` does the same on the runs' common training case (the whole
 volume, tumour included), after ``bench/tcga_protocol.py --own_case`` scored the members there.
 
-Usage: python bench/tcga_ensemble.py RUN_DIR [RUN_DIR ...] [--own_case] [--out OUT]
+Usage: python bench/tcga_ensemble.py RUN_DIR [RUN_DIR ...] [--own_case] [--out OUT] [--extra '{"flip_tta": true}']
        (RUN_DIR: one direction of a protocol run, e.g. runs/bench_tcga/TCGA-DU-7294-TCGA-FG-6692)
 """
 
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path, help="direction folders of bench/tcga_protocol.py runs, same test case")
     ap.add_argument("--own_case", action="store_true", help="evaluate on the runs' training case (own_case/ folders)")
     ap.add_argument("--out", type=Path, default=None, help="output folder of the ensemble evaluation (default: temporary)")
+    ap.add_argument("--extra", default="{}", help="JSON dict of evaluation overrides for the ensemble")
     args = ap.parse_args()
     cases = [run / "own_case" if args.own_case else run for run in args.runs]
     label = np.asarray(nib.load(str(cases[0] / "labels" / "case.nii.gz")).dataobj) > 0
@@ -47,7 +48,7 @@ def main() -> None:
         out = args.out or Path(tmp) / "ensemble"
         run_bundle("evaluate.json", "evaluating", input_dir=str(cases[0] / "test"),
                    label_dir=str(cases[0] / "labels"), output_dir=str(out), report="false",
-                   ckpt_path=[str(run / "train" / "models" / "model.pt") for run in args.runs])
+                   ckpt_path=[str(run / "train" / "models" / "model.pt") for run in args.runs], **json.loads(args.extra))
         print(row(f"ensemble of {len(args.runs)}", json.loads((out / "metrics.json").read_text())), flush=True)
 
 

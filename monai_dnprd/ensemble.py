@@ -118,9 +118,11 @@ def volume_inferer(
     sigma: float | None = None,
     z_sigma: float | None = None,
     precision: str = "fp32",
+    flip: bool = False,
 ) -> Inferer:
     """A ``DNPVolumeInferer`` per model, with its own input size, slice neighbours and smoothing (``sigma`` and
-    ``z_sigma`` override the smoothing of every model when given); an ``EnsembleInferer`` over them if several."""
+    ``z_sigma`` override the smoothing of every model when given; ``flip`` mirrors each slice as test-time
+    augmentation); an ``EnsembleInferer`` over them if several."""
     inferers = []
     for _, ckpt in models:
         p = ckpt["preprocessing"]
@@ -128,18 +130,33 @@ def volume_inferer(
             img_size=p["img_size"], k=p["k"], batch_size=batch_size,
             sigma=p["sigma"] if sigma is None else sigma,
             z_sigma=p["z_sigma"] if z_sigma is None else z_sigma,
-            precision=precision,
+            precision=precision, flip=flip,
         ))
     if len(models) == 1:
         return inferers[0]
     return EnsembleInferer(inferers, [ckpt["normal_q99"] for _, ckpt in models])
 
 
-def member_calibration_path(models: Sequence[Model]) -> str | None:
+def member_calibration_path(
+    models: Sequence[Model], sigma: float | None = None, z_sigma: float | None = None, flip: bool = False
+) -> str | None:
     """The calibration inference uses without ``--calibration_dir``: the single model's own, or none for an
-    ensemble (with a warning: its maps are still written, its thresholds and masks are not)."""
+    ensemble (with a warning: its maps are still written, its thresholds and masks are not).
+
+    Training calibrated the model's map as it made it (its ``sigma`` and ``z_sigma``, no flip); other map
+    settings at inference change the normal score distribution, so that case is warned about too.
+    """
     if len(models) == 1:
-        return str(Path(models[0][1]["path"]).with_name("calibration.json"))
+        path, params = models[0][1]["path"], models[0][1]["preprocessing"]
+        changed = [f"{k} {v}" for k, v in (("sigma", sigma), ("z_sigma", z_sigma)) if v is not None and v != params.get(k)]
+        changed += ["flip_tta"] if flip else []
+        if changed:
+            logger.warning(
+                "%s: its calibration was made with the training run's map settings, not with %s; thresholds and "
+                "masks may not hold the chosen false-positive rate (pass --calibration_dir to recalibrate)",
+                path, ", ".join(changed),
+            )
+        return str(Path(path).with_name("calibration.json"))
     logger.warning(
         "an ensemble has no calibration of its own: pass --calibration_dir with normal volumes that no member "
         "trained on to get thresholds, masks and normalised scores; without it only maps and raw scores are written"

@@ -30,6 +30,9 @@ class DNPVolumeInferer(Inferer):
         sigma: Gaussian blur of each slice map, in pixels of the network input (scaled to the slice's size).
         z_sigma: Gaussian smoothing across slices, in slices (0 disables).
         precision: "fp32" or "bf16" autocast for the network.
+        flip: test-time augmentation: every slice also goes through the network mirrored along its first
+            in-plane axis (left-right after RAS orientation, the flip used in training); the two maps, the
+            second mirrored back, are averaged. Twice the network time.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class DNPVolumeInferer(Inferer):
         sigma: float = 2.0,
         z_sigma: float = 0.0,
         precision: str = "fp32",
+        flip: bool = False,
     ) -> None:
         super().__init__()
         self.img_size = int(img_size)
@@ -50,6 +54,7 @@ class DNPVolumeInferer(Inferer):
         self.sigma = float(sigma)
         self.z_sigma = float(z_sigma)
         self.precision = precision
+        self.flip = bool(flip)
         self.resize = ResizeSlices(self.img_size)
 
     def slice_maps(self, network: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
@@ -57,6 +62,9 @@ class DNPVolumeInferer(Inferer):
         net = network.module if hasattr(network, "module") else network
         device = next(net.parameters()).device
         x = self.resize(stack).to(device)
+        n = x.shape[0]
+        if self.flip:
+            x = torch.cat([x, x.flip(-2)])
         with autocast_context(device, self.precision):
             out = net(x)
         targets = [t.float() for t in out.targets]
@@ -64,7 +72,10 @@ class DNPVolumeInferer(Inferer):
         sigma_out = self.sigma * max(out_size) / self.img_size
         metric = getattr(net, "map_metric", "cosine")
         stats = net.residual_stats() if metric != "cosine" else None
-        return slice_anomaly_map(targets, recons, out_size, sigma=sigma_out, metric=metric, residual_stats=stats).cpu()
+        maps = slice_anomaly_map(targets, recons, out_size, sigma=sigma_out, metric=metric, residual_stats=stats)
+        if self.flip:
+            maps = 0.5 * (maps[:n] + maps[n:].flip(-2))
+        return maps.cpu()
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: torch.nn.Module, mask: torch.Tensor | None = None

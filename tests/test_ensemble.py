@@ -180,3 +180,32 @@ def test_calibration_dir_recalibrates_a_single_model_and_reports_bad_folders(tra
         run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]), output_dir=str(tmp_path / "x"),
                      ckpt_path=model, num_workers=0, calibration_dir=str(empty))
     assert f"{empty}: --calibration_dir: no volumes found" in root_message(err.value)
+
+
+# ----------------------------------------------------------------------------------- flip test-time augmentation
+def test_flip_tta_averages_the_map_with_the_mirrored_volumes_map(volume):
+    vol, mask = volume
+    net = tiny_net(0)
+    plain = DNPVolumeInferer(img_size=16, k=1, batch_size=3, sigma=1.0, z_sigma=1.0)
+    tta = DNPVolumeInferer(img_size=16, k=1, batch_size=3, sigma=1.0, z_sigma=1.0, flip=True)
+    direct = plain(vol, net, mask=mask).as_tensor()
+    mirrored = plain(vol.flip(1), net, mask=mask.flip(1)).as_tensor().flip(1)
+    out = tta(vol, net, mask=mask)
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, vol.affine)
+    assert not torch.allclose(direct, mirrored, atol=1e-4)  # the network is not mirror-symmetric by itself ...
+    torch.testing.assert_close(out.as_tensor(), 0.5 * (direct + mirrored), rtol=1e-4, atol=1e-5)
+    # ... but its flip-averaged map is: mirroring the input mirrors the map
+    torch.testing.assert_close(tta(vol.flip(1), net, mask=mask.flip(1)).as_tensor().flip(1), out.as_tensor(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_changed_map_settings_warn_that_the_training_calibration_may_not_fit(tmp_path, caplog):
+    from monai_dnprd.ensemble import member_calibration_path
+
+    models = load_models(str(save_member(tmp_path, 0)))
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        assert member_calibration_path(models, sigma=PARAMS["sigma"]) == str(tmp_path / "calibration.json")
+    assert not caplog.records  # the training run's own settings: nothing to warn about
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        member_calibration_path(models, sigma=3.0, flip=True)
+    assert "not with sigma 3.0, flip_tta" in caplog.text
