@@ -208,6 +208,9 @@ def main() -> None:
             continue
         test_dir, label_dir = work / "test", work / "labels"
         if args.rescore:
+            if not (work / "eval" / "case.nii.gz").is_file():
+                print(f"{tag}: no map under {work} to rescore, skipped", flush=True)
+                continue
             train_slabs = sorted((work / "normal").glob("*.nii.gz"))
             old = work / "result.json"
             train_s = json.loads(old.read_text())["train_seconds"] if old.is_file() else float("nan")
