@@ -145,7 +145,7 @@ def calibrate_folder(
     Inference uses this for a model or an ensemble whose own calibration is missing or does not fit the data
     (another site or scanner): the thresholds then come from normal volumes of the data at hand.
     """
-    from monai_dnprd.data import SafeDataset
+    from monai_dnprd.data import iter_preprocessed
     from monai_dnprd.io import VolumeError, find_volumes
 
     try:
@@ -154,28 +154,10 @@ def calibrate_folder(
         raise VolumeError(str(folder), f"--calibration_dir: {err.reason}") from None
     for problem in problems:
         logger.warning("calibration: skipped %s", problem)
-    if not found:
-        raise VolumeError(str(folder), "--calibration_dir: no usable volume to calibrate on")
-    dataset = SafeDataset(found, transform=preprocessing)
-    used: list[str] = []
-
-    def usable() -> Iterable[dict]:
-        for i in range(len(dataset)):
-            d = dataset[i]
-            if d.get("error"):
-                logger.warning("calibration: skipped %s: %s", d.get("image"), d["error"])
-                continue
-            used.append(str(d.get("name")))
-            logger.info("calibration [%d/%d] %s", i + 1, len(dataset), d.get("name"))
-            yield d
-
-    try:
-        cal = calibrate(usable(), network, inferer, score_q)
-    except ValueError as err:  # every volume failed
-        raise VolumeError(str(folder), f"no usable calibration volume ({err})") from None
+    cal = calibrate(iter_preprocessed(found, preprocessing, "calibration", progress=True), network, inferer, score_q)
     out = cal.save(path)
     logger.info("calibration on %d normal volume(s) of %s: voxel threshold at FPR 1%%: %.4f -> %s",
-                len(used), folder, cal.voxel_threshold(0.01), out)
+                cal.volume_scores.size, folder, cal.voxel_threshold(0.01), out)
     return out
 
 

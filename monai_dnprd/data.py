@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ __all__ = [
     "normal_datalists",
     "labelled_datalist",
     "SliceDataset",
+    "iter_preprocessed",
     "preprocess_volumes",
     "slice_dataset",
     "synthetic_validation_dataset",
@@ -127,22 +128,30 @@ class SliceDataset(TorchDataset):
         return self.slice_transform(sample) if self.slice_transform is not None else sample
 
 
+def iter_preprocessed(volumes: Sequence[dict], preprocessing: Callable, what: str = "training",
+                      progress: bool = False) -> Iterator[dict]:
+    """Preprocess the volumes one at a time, skipping (and logging, one line each) those that fail; raises
+    ``VolumeError`` at the end if none was usable. ``progress`` logs one line per volume as it starts."""
+    n_ok = 0
+    for i, item in enumerate(volumes):
+        d = SafeDataset([item], transform=preprocessing)[0]
+        if d.get("error"):
+            logger.warning("skipped %s volume %s: %s", what, d.get("image"), d["error"])
+            continue
+        if progress:
+            logger.info("%s [%d/%d] %s", what, i + 1, len(volumes), d.get("name", d.get("image")))
+        n_ok += 1
+        yield d
+    if not n_ok:
+        raise VolumeError(str(volumes[0]["image"]) if volumes else "-", f"no usable {what} volume ({len(volumes)} failed)")
+
+
 def preprocess_volumes(volumes: Sequence[dict], preprocessing: Callable, what: str = "training") -> list[dict]:
-    """Preprocess every volume once, skipping (and logging, one line each) those that fail.
+    """Preprocess every volume once and keep them all (``iter_preprocessed``).
 
     A bad file in a folder of normal volumes must not stop training; if no volume is usable, that is an error.
     """
-    ok, failed = [], []
-    for item in volumes:
-        d = SafeDataset([item], transform=preprocessing)[0]
-        if d.get("error"):
-            failed.append(d)
-            logger.warning("skipped %s volume %s: %s", what, d.get("image"), d["error"])
-        else:
-            ok.append(d)
-    if not ok:
-        raise VolumeError(str(volumes[0]["image"]) if volumes else "-", f"no usable {what} volume ({len(failed)} failed)")
-    return ok
+    return list(iter_preprocessed(volumes, preprocessing, what))
 
 
 def slice_dataset(

@@ -165,12 +165,14 @@ def test_ensemble_inference_and_calibration_dir(trained, tiny_data, tmp_path):
 @pytest.mark.slow
 def test_calibration_dir_recalibrates_a_single_model_and_reports_bad_folders(trained, tiny_data, tmp_path):
     model = str(trained / "models" / "model.pt")
+    normals = tmp_path / "normals"
+    shutil.copytree(tiny_data["train"], normals)
+    (normals / "broken.nii.gz").write_bytes(b"not a nifti file")
     out = tmp_path / "recal"
     run_workflow("evaluate.json", "evaluating", input_dir=str(tiny_data["test"]), label_dir=str(tiny_data["labels"]),
-                 output_dir=str(out), ckpt_path=model, num_workers=0, report="false",
-                 calibration_dir=str(tiny_data["train"]))
+                 output_dir=str(out), ckpt_path=model, num_workers=0, report="false", calibration_dir=str(normals))
     new = Calibration.load(out / "calibration.json")
-    assert new.volume_scores.size == 4  # the four training volumes
+    assert new.volume_scores.size == 4  # the four training volumes; the broken file is skipped
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert all(float(r["voxel_threshold"]) == pytest.approx(new.voxel_threshold(0.01), rel=1e-5) for r in rows)
     assert (out / "metrics.json").is_file()
@@ -180,6 +182,13 @@ def test_calibration_dir_recalibrates_a_single_model_and_reports_bad_folders(tra
         run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]), output_dir=str(tmp_path / "x"),
                      ckpt_path=model, num_workers=0, calibration_dir=str(empty))
     assert f"{empty}: --calibration_dir: no volumes found" in root_message(err.value)
+    only_broken = tmp_path / "only_broken"
+    only_broken.mkdir()
+    (only_broken / "broken.nii.gz").write_bytes(b"not a nifti file")
+    with pytest.raises(Exception) as err:
+        run_workflow("inference.json", "inference", input_dir=str(tiny_data["test"]), output_dir=str(tmp_path / "y"),
+                     ckpt_path=model, num_workers=0, calibration_dir=str(only_broken))
+    assert "no usable calibration volume (1 failed)" in root_message(err.value)
 
 
 # ----------------------------------------------------------------------------------- flip test-time augmentation

@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 
 from monai_dnprd.calibration import calibrate, fit_residual_stats
 from monai_dnprd.checkpoint import export_model, load_checkpoint, save_atomic
-from monai_dnprd.data import preprocess_volumes
+from monai_dnprd.data import iter_preprocessed
 from monai_dnprd.distributed import rank
 from monai_dnprd.engines.evaluator import axial_axis
 from monai_dnprd.io.writers import write_text
@@ -271,7 +271,7 @@ class CalibrationHandler:
     def _calibrate(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        volumes = preprocess_volumes(self.datalist, self.preprocessing, what="calibration")
+        volumes = iter_preprocessed(self.datalist, self.preprocessing, what="calibration")  # one at a time
         cal = calibrate(volumes, self.network, self.inferer, self.score_q)
         cal.save(self.path)
         logger.info("calibration on %d normal volumes: volume score %.4f +- %.4f, voxel threshold at FPR 1%%: %.4f -> %s",
