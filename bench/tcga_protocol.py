@@ -7,6 +7,7 @@ before the test. Baselines on the same volumes and masks: (a) FLAIR intensity z-
 median-filtered; (b) per-voxel z-score against the normal training intensities; (c) random.
 
 Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out runs/bench_tcga] [--iterations 600]
+       [--sequences fla t2]   (the model reads FLAIR and T2 as the channels of 4D inputs; baselines: FLAIR)
        python bench/tcga_protocol.py --out runs/bench_tcga --rescore   (metrics again, no training)
        python bench/tcga_protocol.py --out runs/bench_tcga --own_case  (each trained model on its own training case)
 Prints a table and writes OUT/results.json.
@@ -27,21 +28,34 @@ from scipy.ndimage import gaussian_filter, median_filter
 REPO = Path(__file__).resolve().parents[1]
 
 
-def slabs(flair: Path, seg: Path, out_dir: Path, gap: int = 2, min_slices: int = 8) -> list[Path]:
-    """Write the tumour-free axial slabs of a case (>= gap slices from any label) as separate volumes."""
-    img = nib.load(str(flair))
+def case_volume(case: Path, sequences: list[str]) -> nib.Nifti1Image:
+    """A case's FLAIR, or its sequences stacked on a 4th axis in the order given (the bundle's ``channels``)."""
+    imgs = [nib.load(str(next(case.glob(f"*_{seq}_bet.nii.gz")))) for seq in sequences]
+    if len(imgs) == 1:
+        return imgs[0]
+    data = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in imgs], axis=-1)
+    return nib.Nifti1Image(data, imgs[0].affine)
+
+
+def slabs(flair: Path | nib.Nifti1Image, seg: Path, out_dir: Path, gap: int = 2, min_slices: int = 8) -> list[Path]:
+    """Write the tumour-free axial slabs of a case (>= gap slices from any label) as separate volumes.
+
+    ``flair`` is a file or an image (3D, or 4D with the sequences on the last axis: the slabs keep them).
+    """
+    img = flair if isinstance(flair, nib.Nifti1Image) else nib.load(str(flair))
     data = np.asarray(img.dataobj, dtype=np.float32)
     lab = np.asarray(nib.load(str(seg)).dataobj) > 0
     zs = np.flatnonzero(lab.any(axis=(0, 1)))
     z0, z1 = int(zs.min()) - gap, int(zs.max()) + gap
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    stem = seg.parent.name
     for name, (a, b) in {"below": (0, z0), "above": (z1 + 1, data.shape[2])}.items():
         if b - a < min_slices:
             continue
         aff = img.affine.copy()
         aff[:3, 3] = img.affine[:3, :3] @ np.array([0, 0, a]) + img.affine[:3, 3]
-        path = out_dir / f"{flair.parent.name}_{name}.nii.gz"
+        path = out_dir / f"{stem}_{name}.nii.gz"
         nib.save(nib.Nifti1Image(data[:, :, a:b], aff), str(path))
         written.append(path)
     return written
@@ -133,7 +147,7 @@ def case_metrics(score: np.ndarray, label: np.ndarray, fg: np.ndarray) -> dict[s
             "slice_auroc": r["slice"]["auroc"], "slice_ap": r["slice"]["ap"], "aupro": r["voxel"]["aupro"]}
 
 
-def own_case(work: Path, train_case: Path, gap: int = 2) -> dict:
+def own_case(work: Path, train_case: Path, gap: int = 2, sequences: tuple[str, ...] = ("fla",)) -> dict:
     """Score a direction's trained model on the whole volume of its own training case (a diagnostic).
 
     The tumour there lies at levels the model never trained on, so this separates "the test brain differs from
@@ -145,7 +159,8 @@ def own_case(work: Path, train_case: Path, gap: int = 2) -> dict:
     shutil.rmtree(own, ignore_errors=True)
     (own / "test").mkdir(parents=True)
     (own / "labels").mkdir()
-    shutil.copy(next(train_case.glob("*_fla_bet.nii.gz")), own / "test" / "case.nii.gz")
+    nib.save(case_volume(train_case, list(sequences)), str(own / "test" / "case.nii.gz"))
+    shutil.copy(next(train_case.glob("*_fla_bet.nii.gz")), own / "flair.nii.gz")
     shutil.copy(train_case / "fusion_simple_seg.nii.gz", own / "labels" / "case.nii.gz")
     run_bundle("evaluate.json", "evaluating", input_dir=str(own / "test"), label_dir=str(own / "labels"),
                output_dir=str(own / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"), report="false")
@@ -161,11 +176,22 @@ def own_case(work: Path, train_case: Path, gap: int = 2) -> dict:
            "mean_map_normal_unseen_levels": float(model_map[normal & ~seen].mean()),
            "top2_share_in_tumour": float((top & label).sum() / top.sum()),
            "top2_share_at_training_levels": float((top & seen).sum() / top.sum())}
-    maps = {"dnp_conformer": model_map, **baselines(own / "test" / "case.nii.gz", own / "labels" / "case.nii.gz", fg,
-                                                    sorted((work / "normal").glob("*.nii.gz")))}
+    maps = {"dnp_conformer": model_map, **baselines(own / "flair.nii.gz", own / "labels" / "case.nii.gz", fg,
+                                                    flair_slabs(work))}
     for name in ("dnp_conformer", "flair_zscore_median3"):
         res[name] = case_metrics(maps[name], label, fg)
     return res
+
+
+def flair_slabs(work: Path) -> list[Path]:
+    """The FLAIR slabs of a direction for the baselines (``normal_flair`` when the training slabs are 4D)."""
+    folder = work / "normal_flair" if (work / "normal_flair").is_dir() else work / "normal"
+    return sorted(folder.glob("*.nii.gz"))
+
+
+def test_flair(work: Path) -> Path:
+    """The FLAIR test volume of a direction for the baselines (``test_flair.nii.gz`` when the test input is 4D)."""
+    return work / "test_flair.nii.gz" if (work / "test_flair.nii.gz").is_file() else work / "test" / "case.nii.gz"
 
 
 def main() -> None:
@@ -178,6 +204,9 @@ def main() -> None:
     ap.add_argument("--only", type=int, choices=[0, 1], help="run one direction only (0: first case -> second)")
     ap.add_argument("--rescore", action="store_true",
                     help="reuse the trained models and maps under --out: recompute the metrics and baselines only")
+    ap.add_argument("--sequences", nargs="+", default=["fla"],
+                    help="sequences given to the model, stacked as the channels of 4D inputs (e.g. fla t2); "
+                         "the baselines always use the FLAIR")
     ap.add_argument("--own_case", action="store_true",
                     help="score each trained model under --out on its own training case (no training, a diagnostic)")
     args = ap.parse_args()
@@ -197,7 +226,7 @@ def main() -> None:
             if not (work / "train" / "models" / "model.pt").is_file():
                 print(f"{tag}: no trained model under {work}, skipped", flush=True)
                 continue
-            res = own_case(work, train_case)
+            res = own_case(work, train_case, sequences=tuple(args.sequences))
             (work / "own_case.json").write_text(json.dumps(res, indent=1))
             d, b = res["dnp_conformer"], res["flair_zscore_median3"]
             print(f"{train_case.name} model on its own case: voxel AUROC {d['voxel_auroc']:.3f} AP {d['voxel_ap']:.3f} "
@@ -211,22 +240,31 @@ def main() -> None:
             if not (work / "eval" / "case.nii.gz").is_file():
                 print(f"{tag}: no map under {work} to rescore, skipped", flush=True)
                 continue
-            train_slabs = sorted((work / "normal").glob("*.nii.gz"))
+            train_slabs = flair_slabs(work)
             old = work / "result.json"
             train_s = json.loads(old.read_text())["train_seconds"] if old.is_file() else float("nan")
         else:
             shutil.rmtree(work, ignore_errors=True)
+            seg = train_case / "fusion_simple_seg.nii.gz"
             flair = next(train_case.glob("*_fla_bet.nii.gz"))
-            train_slabs = slabs(flair, train_case / "fusion_simple_seg.nii.gz", work / "normal")
             test_dir.mkdir(parents=True)
             label_dir.mkdir()
             tflair = next(test_case.glob("*_fla_bet.nii.gz"))
-            shutil.copy(tflair, test_dir / "case.nii.gz")
+            extra = json.loads(args.extra)
+            if args.sequences == ["fla"]:
+                train_slabs = slabs(flair, seg, work / "normal")
+                shutil.copy(tflair, test_dir / "case.nii.gz")
+            else:  # 4D inputs with the sequences as channels; FLAIR-only copies for the baselines
+                slabs(case_volume(train_case, args.sequences), seg, work / "normal")
+                train_slabs = slabs(flair, seg, work / "normal_flair")
+                nib.save(case_volume(test_case, args.sequences), str(test_dir / "case.nii.gz"))
+                shutil.copy(tflair, work / "test_flair.nii.gz")
+                extra["channels"] = list(range(len(args.sequences)))
             shutil.copy(test_case / "fusion_simple_seg.nii.gz", label_dir / "case.nii.gz")
             t0 = time.time()
             run_bundle("train.json", "training", dataset_dir=str(work / "normal"), val_dir=str(work / "normal"),
                        output_dir=str(work / "train"), num_iterations=args.iterations, warmup_iterations=args.warmup,
-                       **json.loads(args.extra))
+                       **extra)
             train_s = time.time() - t0
             run_bundle("evaluate.json", "evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
                        output_dir=str(work / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"),
@@ -235,7 +273,7 @@ def main() -> None:
         label = np.asarray(nib.load(str(label_dir / "case.nii.gz")).dataobj) > 0
         fg = model_map > 0
         maps = {"dnp_conformer": model_map,
-                **baselines(test_dir / "case.nii.gz", label_dir / "case.nii.gz", fg, train_slabs, model_map=model_map)}
+                **baselines(test_flair(work), label_dir / "case.nii.gz", fg, train_slabs, model_map=model_map)}
         results[tag] = {"train_seconds": train_s, "foreground_voxels": int(fg.sum()), "lesion_voxels": int((label & fg).sum())}
         for name, m in maps.items():
             results[tag][name] = case_metrics(m, label, fg)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["setup_logging", "resolve_device", "as_bool", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
+__all__ = ["setup_logging", "resolve_device", "as_bool", "input_channels", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,27 @@ def as_bool(value: Any) -> bool:
     if text in {"false", "no", "0", "off", "none", ""}:
         return False
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def input_channels(channels: int | Sequence[int] | None, k: int) -> int:
+    """Network input channels: (number of chosen channels of the input) x (2k + 1 neighbouring slices).
+
+    ``channels`` is the bundle setting: None (3D inputs), one int (one channel of 4D inputs) or a list of
+    ints (several channels of 4D inputs, e.g. co-registered sequences, stacked in that order).
+    """
+    if isinstance(channels, (list, tuple)):
+        if not channels:
+            raise ValueError("channels is an empty list: give null, one channel index, or a list of them")
+        if len({int(c) for c in channels}) != len(channels):
+            raise ValueError(f"channels {list(channels)} repeat a channel")
+        n = len(channels)
+    elif channels is None or isinstance(channels, int):
+        n = 1
+    else:
+        raise ValueError(f"channels must be null, an int or a list of ints, got {channels!r}")
+    if int(k) < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    return n * (2 * int(k) + 1)
 
 
 def _cli_keys(argv: Sequence[str]) -> list[str]:

@@ -42,7 +42,7 @@ __all__ = [
 logger = logging.getLogger("monai_dnprd")
 
 # preprocessing that decides the grid and intensities the maps live on: members must agree on these
-SHARED_PREPROCESSING = ("modality", "spacing", "margin", "score_q")
+SHARED_PREPROCESSING = ("modality", "channels", "spacing", "margin", "score_q")
 
 Model = tuple[torch.nn.Module, dict]
 

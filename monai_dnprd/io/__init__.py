@@ -2,7 +2,7 @@
 
 from .discovery import IMAGE_SUFFIXES, find_volumes
 from .errors import VolumeError, find_volume_error
-from .readers import Volume, read_volume, volume_affine_spacing
+from .readers import Volume, read_channels, read_volume, volume_affine_spacing
 from .writers import prepare_output_dir, write_csv, write_nifti, write_text
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "find_volume_error",
     "find_volumes",
     "prepare_output_dir",
+    "read_channels",
     "read_volume",
     "volume_affine_spacing",
     "write_csv",

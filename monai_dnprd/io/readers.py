@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -82,8 +83,12 @@ def _shape_text(shape) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
-def _select_3d(shape: tuple[int, ...], index: int | None, path: str) -> tuple[slice | int, ...] | None:
-    """Check an (X, Y, Z, ...) shape and return the indexer choosing one 3D volume (None: use as is)."""
+def _select_3d(shape: tuple[int, ...], index: int | tuple[int, ...] | None, path: str) -> tuple | None:
+    """Check an (X, Y, Z, ...) shape and return the indexer choosing one 3D volume (None: use as is).
+
+    A tuple ``index`` chooses several volumes/channels of a 4D image at once: the indexer then gives an
+    (X, Y, Z, C) array (``read_channels``). On a 3D image only ``(0,)`` is accepted.
+    """
     shape = tuple(int(s) for s in shape)
     spatial_msg = "; a 3D volume is needed"
     if len(shape) < 3:
@@ -97,12 +102,22 @@ def _select_3d(shape: tuple[int, ...], index: int | None, path: str) -> tuple[sl
         raise VolumeError(path, f"{len(shape)}D image of shape {_shape_text(shape)} is not supported{spatial_msg}")
     tail = (0,) * (len(shape) - 3 - len(extra))
     if not extra:
+        if isinstance(index, tuple):
+            if tuple(index) != (0,):
+                raise VolumeError(path, f"channels {list(index)} need a 4D image; this one is 3D of shape "
+                                        f"{_shape_text(shape)} (one channel)")
+            return (slice(None),) * 3 + tail + (None,)  # (X, Y, Z, 1)
         return (slice(None),) * 3 + tail if tail else None
     n = extra[0]
     if index is None:
-        raise VolumeError(path, f"4D volume with {n} volumes/channels; choose one with index=...")
-    if not -n <= int(index) < n:
-        raise VolumeError(path, f"index={index} is out of range for a 4D volume with {n} volumes/channels")
+        raise VolumeError(path, f"4D volume with {n} volumes/channels; choose one with index=... "
+                                "(the bundle's `channels` setting)")
+    chosen = index if isinstance(index, tuple) else (index,)
+    bad = [int(i) for i in chosen if not -n <= int(i) < n]
+    if bad:
+        raise VolumeError(path, f"index={bad[0]} is out of range for a 4D volume with {n} volumes/channels")
+    if isinstance(index, tuple):
+        return (slice(None),) * 3 + (np.array([int(i) for i in index]),) + tail
     return (slice(None),) * 3 + (int(index),) + tail
 
 
@@ -141,9 +156,10 @@ def _repair_nonfinite(array: np.ndarray, path: str, info: dict) -> np.ndarray:
     return array
 
 
-def _finish(array: np.ndarray, affine: np.ndarray, fmt: str, path: str, index: int | None, info: dict) -> Volume:
-    """Shape checks, index choice, float32 cast, non-finite rule, geometry check -> Volume."""
-    indexer = _select_3d(array.shape, index, path)
+def _finish(array: np.ndarray, affine: np.ndarray, fmt: str, path: str, index: int | tuple[int, ...] | None,
+            info: dict, selected: bool = False) -> Volume:
+    """Shape checks, index choice (unless already ``selected``), float32 cast, non-finite rule, geometry check."""
+    indexer = None if selected else _select_3d(array.shape, index, path)
     if indexer is not None:
         array = array[indexer]
     array = np.ascontiguousarray(array, dtype=np.float32)
@@ -151,7 +167,7 @@ def _finish(array: np.ndarray, affine: np.ndarray, fmt: str, path: str, index: i
     return Volume(array=array, affine=_check_affine(affine, path), source_format=fmt, info=info)
 
 
-def _read_nibabel(path: str, fmt: str, index: int | None) -> Volume:
+def _read_nibabel(path: str, fmt: str, index: int | tuple[int, ...] | None) -> Volume:
     """Read NIfTI / MGH(MGZ) with nibabel: best affine exactly as stored, scaled voxels as float32."""
     try:
         img = nib.load(path)
@@ -162,15 +178,16 @@ def _read_nibabel(path: str, fmt: str, index: int | None) -> Volume:
     indexer = _select_3d(shape, index, path)
     try:
         proxy = img.dataobj
-        data = proxy[indexer] if indexer is not None else proxy[...]
-        data = np.asarray(data)
+        if isinstance(index, tuple):  # several channels: one full read, then numpy indexing
+            data = np.asarray(proxy[...])[indexer]
+        else:
+            data = np.asarray(proxy[indexer] if indexer is not None else proxy[...])
     except Exception as err:  # truncated/corrupt data (EOFError, zlib.error, gzip errors, short reads)
         raise VolumeError(path, f"cannot read: {_short_cause(err, path)}") from err
-    # the indexer has been applied; index=None keeps _finish from choosing again
-    return _finish(data, affine, fmt, path, None, {})
+    return _finish(data, affine, fmt, path, index, {}, selected=True)  # the indexer has been applied
 
 
-def _read_itk(path: str, index: int | None, fmt: str = "itk") -> Volume:
+def _read_itk(path: str, index: int | tuple[int, ...] | None, fmt: str = "itk") -> Volume:
     """Read MHA/MHD/NRRD/NHDR (or another ITK-readable file) with SimpleITK; LPS -> RAS affine."""
     try:
         with quiet_itk():
@@ -255,7 +272,7 @@ def check_dicom_slices(files: list[str], folder: str) -> None:
         )
 
 
-def _read_dicom(folder: str, series_uid: str | None, index: int | None) -> Volume:
+def _read_dicom(folder: str, series_uid: str | None, index: int | tuple[int, ...] | None) -> Volume:
     """Read one DICOM series of a folder with SimpleITK (GDCM-sorted files) after checking its slices."""
     try:
         uids = dicom_series_ids(folder)
@@ -289,7 +306,7 @@ def _read_dicom(folder: str, series_uid: str | None, index: int | None) -> Volum
     return _finish(_itk_array(image), itk_affine(image), "dicom", folder, index, {})
 
 
-def _read_itk_dicom_single(file: str, folder: str, index: int | None) -> Volume:
+def _read_itk_dicom_single(file: str, folder: str, index: int | tuple[int, ...] | None) -> Volume:
     """A DICOM series of one file: a 3D multi-frame image is accepted, one 2D slice is refused."""
     try:
         with quiet_itk():
@@ -304,14 +321,16 @@ def _read_itk_dicom_single(file: str, folder: str, index: int | None) -> Volume:
     return _finish(_itk_array(image), itk_affine(image), "dicom", folder, index, {})
 
 
-def read_volume(path: str | os.PathLike, series_uid: str | None = None, *, index: int | None = None) -> Volume:
+def read_volume(path: str | os.PathLike, series_uid: str | None = None, *,
+                index: int | tuple[int, ...] | None = None) -> Volume:
     """Read one volume as float32 (X, Y, Z) + RAS affine; raise VolumeError with a short reason if it is unusable.
 
     Formats: NIfTI/MGZ via nibabel (the image's own best affine, also oblique or sheared, kept exactly; scaling
     applied); MHA/MHD/NRRD/NHDR via SimpleITK; a folder is read as a DICOM series (`series_uid` picks one when
     the folder holds several) after checking slice sizes, orientations, missing slices and even spacing.
     Shapes: 2D (or a spatial size of 1) is refused; a trailing dim of size 1 is dropped; a 4D image needs
-    `index` to choose one volume/channel; more dims are refused.
+    `index` to choose one volume/channel (a tuple of them gives an (X, Y, Z, C) array; use read_channels);
+    more dims are refused.
     Non-finite voxels: if at most 1 % of the voxels are NaN/Inf they are replaced by the minimum finite value
     (info["nonfinite_replaced"] = count, and a warning is logged); more than that, or no finite voxel, is an error.
     No patient identifier from DICOM headers is ever returned or logged.
@@ -335,6 +354,22 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None, *, index
     if suffix in _ITK_SUFFIXES:
         return _read_itk(path_str, index)
     return _read_itk(path_str, index, "dicom" if _has_magic(path_str) else "itk")
+
+
+def read_channels(path: str | os.PathLike, series_uid: str | None = None, *, channels: Sequence[int]) -> list[Volume]:
+    """Read the given volumes/channels of one 4D image (e.g. the sequences of a BraTS/MSD-style file) in one pass.
+
+    Returns one Volume per channel, in the order asked, sharing the affine. A 3D image has one channel,
+    so on it only ``channels=[0]`` is accepted. The checks and the non-finite rule are those of read_volume.
+    """
+    chosen = tuple(int(c) for c in channels)
+    if not chosen:
+        raise VolumeError(os.fspath(path), "empty list of channels")
+    if len(set(chosen)) != len(chosen):
+        raise VolumeError(os.fspath(path), f"channels {list(chosen)} repeat a channel")
+    vol = read_volume(path, series_uid, index=chosen)
+    return [Volume(array=np.ascontiguousarray(vol.array[..., i]), affine=vol.affine, source_format=vol.source_format,
+                   info=dict(vol.info)) for i in range(vol.array.shape[-1])]
 
 
 def _has_magic(path: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import MetaKeys, SpaceKeys
 
 from monai_dnprd.io.errors import VolumeError
-from monai_dnprd.io.readers import Volume, read_volume
+from monai_dnprd.io.readers import Volume, read_channels, read_volume
 
 AFFINE_ATOL = 1e-4  # mm; co-registered sequences must share the affine within this tolerance
 
@@ -46,37 +47,62 @@ def volume_to_metatensor(volumes: Sequence[Volume], paths: Sequence[str]) -> Met
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), meta=meta)
 
 
-class LoadVolume(Transform):
-    """Read one volume (file or DICOM series folder) into a (1, X, Y, Z) float32 MetaTensor in RAS world space."""
+ChannelChoice = Union[int, Sequence[int], None]
 
-    def __init__(self, index: int | None = None) -> None:
-        """`index` picks one volume/channel of a 4D input (see read_volume)."""
-        self.index = index
+
+def channel_choice(index: Any) -> int | tuple[int, ...] | None:
+    """Normalise a 4D channel choice: None, one int, or a list of ints (several channels, stacked in that order)."""
+    if index is None or (isinstance(index, float) and np.isnan(index)):
+        return None
+    if isinstance(index, (list, tuple)):
+        return tuple(int(i) for i in index)
+    return int(index)
+
+
+def read_choice(path: str, series_uid: str | None, index: int | tuple[int, ...] | None) -> list[Volume]:
+    """The volume(s) of one file or series for a channel choice: one Volume, or one per chosen channel."""
+    if isinstance(index, tuple):
+        return read_channels(path, series_uid, channels=index)
+    return [read_volume(path, series_uid, index=index)]
+
+
+class LoadVolume(Transform):
+    """Read one volume (file or DICOM series folder) into a (C, X, Y, Z) float32 MetaTensor in RAS world space.
+
+    C is 1, or the number of channels chosen from a 4D input with a list ``index`` (e.g. ``[0, 3]`` for FLAIR
+    and T2 of a BraTS-style 4D file).
+    """
+
+    def __init__(self, index: ChannelChoice = None) -> None:
+        """`index` picks one volume/channel of a 4D input, or a list of them (see read_volume, read_channels)."""
+        self.index = channel_choice(index)
 
     def __call__(self, path: str | os.PathLike, series_uid: str | None = None) -> MetaTensor:
         """Load `path` (and `series_uid` for a DICOM folder holding several series)."""
         path = os.fspath(path)
-        return volume_to_metatensor([read_volume(path, series_uid or None, index=self.index)], [path])
+        volumes = read_choice(path, series_uid or None, self.index)
+        return volume_to_metatensor(volumes, [path] * len(volumes))
 
 
 class LoadVolumed(MapTransform):
     """Dictionary LoadVolume: d[key] is a path, or a list of co-registered paths stacked as channels (C, X, Y, Z).
 
+    With a list `index`, each path gives the chosen channels of its 4D image, stacked in order.
+
     Reads d["series_uid"] (a string, or one per path) and d["index"] (default: `index`) when present.
     """
 
     def __init__(
-        self, keys: KeysCollection = "image", index: int | None = None, allow_missing_keys: bool = False
+        self, keys: KeysCollection = "image", index: ChannelChoice = None, allow_missing_keys: bool = False
     ) -> None:
-        """`index` is the default 4D volume/channel choice when the item has no "index"."""
+        """`index` is the default 4D volume/channel choice (one int or a list) when the item has no "index"."""
         super().__init__(keys, allow_missing_keys)
         self.index = index
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         """Replace each key's path(s) by the loaded MetaTensor."""
         d = dict(data)
-        index = d.get("index", self.index)
-        index = None if index is None or (isinstance(index, float) and np.isnan(index)) else int(index)
+        index = channel_choice(d.get("index", self.index))
         uid = d.get("series_uid")
         for key in self.key_iterator(d):
             value = d[key]
@@ -89,6 +115,10 @@ class LoadVolumed(MapTransform):
                 uids = [u or None for u in uid]
             else:
                 uids = [uid or None] * len(paths)
-            volumes = [read_volume(p, u, index=index) for p, u in zip(paths, uids)]
-            d[key] = volume_to_metatensor(volumes, paths)
+            volumes, sources = [], []
+            for p, u in zip(paths, uids):
+                got = read_choice(p, u, index)
+                volumes += got
+                sources += [p] * len(got)
+            d[key] = volume_to_metatensor(volumes, sources)
         return d
