@@ -189,7 +189,7 @@ def flair_slabs(work: Path) -> list[Path]:
     return sorted(folder.glob("*.nii.gz"))
 
 
-def test_flair(work: Path) -> Path:
+def flair_test_volume(work: Path) -> Path:
     """The FLAIR test volume of a direction for the baselines (``test_flair.nii.gz`` when the test input is 4D)."""
     return work / "test_flair.nii.gz" if (work / "test_flair.nii.gz").is_file() else work / "test" / "case.nii.gz"
 
@@ -273,7 +273,7 @@ def main() -> None:
         label = np.asarray(nib.load(str(label_dir / "case.nii.gz")).dataobj) > 0
         fg = model_map > 0
         maps = {"dnp_conformer": model_map,
-                **baselines(test_flair(work), label_dir / "case.nii.gz", fg, train_slabs, model_map=model_map)}
+                **baselines(flair_test_volume(work), label_dir / "case.nii.gz", fg, train_slabs, model_map=model_map)}
         results[tag] = {"train_seconds": train_s, "foreground_voxels": int(fg.sum()), "lesion_voxels": int((label & fg).sum())}
         for name, m in maps.items():
             results[tag][name] = case_metrics(m, label, fg)

@@ -37,6 +37,16 @@ def test_read_channels_reads_the_chosen_channels_in_order(four_d):
     assert np.array_equal(read_channels(folder / "three.nii.gz", channels=[0])[0].array, read_volume(folder / "three.nii.gz").array)
 
 
+def test_read_channels_repairs_non_finite_voxels_per_channel(tmp_path):
+    data = np.stack([np.full((6, 6, 6), -5.0), np.linspace(2.0, 3.0, 216).reshape(6, 6, 6)], -1).astype(np.float32)
+    data[0, 0, 0, 1] = np.nan  # one voxel of 216 in channel 1: repaired with channel 1's own minimum
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    first, second = read_channels(tmp_path / "nan.nii.gz", channels=[0, 1])
+    assert second.array[0, 0, 0] == pytest.approx(float(np.nanmin(data[..., 1])))
+    assert np.array_equal(first.array, data[..., 0]) and second.info["nonfinite_replaced"] == 1
+    assert second.array.flags.c_contiguous and second.array.dtype == np.float32
+
+
 @pytest.mark.parametrize("name, channels, message", [
     ("three.nii.gz", [0, 1], "need a 4D image"),
     ("four.nii.gz", [0, 3], "index=3 is out of range"),

@@ -87,7 +87,8 @@ def _select_3d(shape: tuple[int, ...], index: int | tuple[int, ...] | None, path
     """Check an (X, Y, Z, ...) shape and return the indexer choosing one 3D volume (None: use as is).
 
     A tuple ``index`` chooses several volumes/channels of a 4D image at once: the indexer then gives an
-    (X, Y, Z, C) array (``read_channels``). On a 3D image only ``(0,)`` is accepted.
+    (X, Y, Z, C) array, which ``_finish`` makes channel-first (``read_channels``). On a 3D image only
+    ``(0,)`` is accepted.
     """
     shape = tuple(int(s) for s in shape)
     spatial_msg = "; a 3D volume is needed"
@@ -158,12 +159,25 @@ def _repair_nonfinite(array: np.ndarray, path: str, info: dict) -> np.ndarray:
 
 def _finish(array: np.ndarray, affine: np.ndarray, fmt: str, path: str, index: int | tuple[int, ...] | None,
             info: dict, selected: bool = False) -> Volume:
-    """Shape checks, index choice (unless already ``selected``), float32 cast, non-finite rule, geometry check."""
+    """Shape checks, index choice (unless already ``selected``), float32 cast, non-finite rule, geometry check.
+
+    Several chosen channels (a tuple ``index``) give a channel-first (C, X, Y, Z) array, each channel
+    contiguous and held to the non-finite rule on its own (their intensities need not share a scale).
+    """
     indexer = None if selected else _select_3d(array.shape, index, path)
     if indexer is not None:
         array = array[indexer]
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    array = _repair_nonfinite(array, path, info)
+    if isinstance(index, tuple):
+        array = np.ascontiguousarray(np.moveaxis(array, -1, 0), dtype=np.float32)
+        replaced = 0
+        for c in range(array.shape[0]):
+            one: dict = {}
+            array[c] = _repair_nonfinite(array[c], path, one)
+            replaced += one.get("nonfinite_replaced", 0)
+        if replaced:
+            info["nonfinite_replaced"] = replaced
+    else:
+        array = _repair_nonfinite(np.ascontiguousarray(array, dtype=np.float32), path, info)
     return Volume(array=array, affine=_check_affine(affine, path), source_format=fmt, info=info)
 
 
@@ -329,7 +343,7 @@ def read_volume(path: str | os.PathLike, series_uid: str | None = None, *,
     applied); MHA/MHD/NRRD/NHDR via SimpleITK; a folder is read as a DICOM series (`series_uid` picks one when
     the folder holds several) after checking slice sizes, orientations, missing slices and even spacing.
     Shapes: 2D (or a spatial size of 1) is refused; a trailing dim of size 1 is dropped; a 4D image needs
-    `index` to choose one volume/channel (a tuple of them gives an (X, Y, Z, C) array; use read_channels);
+    `index` to choose one volume/channel (a tuple of them gives a (C, X, Y, Z) array; use read_channels);
     more dims are refused.
     Non-finite voxels: if at most 1 % of the voxels are NaN/Inf they are replaced by the minimum finite value
     (info["nonfinite_replaced"] = count, and a warning is logged); more than that, or no finite voxel, is an error.
@@ -367,9 +381,9 @@ def read_channels(path: str | os.PathLike, series_uid: str | None = None, *, cha
         raise VolumeError(os.fspath(path), "empty list of channels")
     if len(set(chosen)) != len(chosen):
         raise VolumeError(os.fspath(path), f"channels {list(chosen)} repeat a channel")
-    vol = read_volume(path, series_uid, index=chosen)
-    return [Volume(array=np.ascontiguousarray(vol.array[..., i]), affine=vol.affine, source_format=vol.source_format,
-                   info=dict(vol.info)) for i in range(vol.array.shape[-1])]
+    vol = read_volume(path, series_uid, index=chosen)  # (C, X, Y, Z), one read
+    return [Volume(array=channel, affine=vol.affine, source_format=vol.source_format, info=dict(vol.info))
+            for channel in vol.array]
 
 
 def _has_magic(path: str) -> bool:
