@@ -16,6 +16,9 @@ __all__ = [
     "upsample_blur_matrix",
     "upsample_blur",
     "slice_anomaly_map",
+    "POLARITIES",
+    "intensity_rank",
+    "polarity_gate",
     "residual_zscore",
     "token_distance",
     "ResidualMoments",
@@ -150,6 +153,45 @@ def slice_anomaly_map(
     stats = residual_stats if residual_stats is not None else [None] * len(targets)
     d = torch.stack([token_distance(a, b, metric, st) for a, b, st in zip(targets, recons, stats)])
     return upsample_blur(d.mean(0), tuple(out_size), sigma).unsqueeze(1)
+
+
+POLARITIES = ("any", "bright", "dark")
+
+
+def intensity_rank(image: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Each voxel's intensity rank within ``mask``, in (0, 1): the share of the masked voxels darker than it, ties
+    sharing their mid-rank; 0 outside the mask. Any monotone intensity normalisation leaves it unchanged."""
+    img = torch.as_tensor(image).float()
+    m = torch.ones_like(img, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    if m.shape != img.shape:
+        raise ValueError(f"mask shape {tuple(m.shape)} does not match image shape {tuple(img.shape)}")
+    out = torch.zeros_like(img)
+    values = img[m]
+    if values.numel() == 0:
+        return out
+    ordered = torch.sort(values).values
+    below = torch.searchsorted(ordered, values, right=False)
+    not_above = torch.searchsorted(ordered, values, right=True)
+    out[m] = (below + not_above).double().div_(2.0 * values.numel()).float()
+    return out
+
+
+def polarity_gate(image: Tensor, mask: Tensor | None = None, polarity: str = "any") -> Tensor | None:
+    """The weight an anomaly map is multiplied by when only bright (or only dark) anomalies are sought.
+
+    ``bright``: the voxel's ``intensity_rank`` in the foreground (lesions brighter than most of the brain, e.g.
+    tumours and white-matter lesions on FLAIR, keep their score; CSF and dark tissue are damped); ``dark``: one
+    minus it; ``any``: no gate (``None``). The counterpart of keeping only positive residuals in
+    intensity-reconstruction methods, for a feature-space map that has no sign of its own.
+    """
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {polarity!r}")
+    if polarity == "any":
+        return None
+    rank = intensity_rank(image, mask)
+    if polarity == "dark":
+        rank = torch.where(rank > 0, 1.0 - rank, rank)
+    return rank
 
 
 class ResidualMoments:

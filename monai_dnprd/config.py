@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["setup_logging", "resolve_device", "as_bool", "input_channels", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
+__all__ = ["setup_logging", "resolve_device", "as_bool", "input_channels", "validation_lesion_kinds", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,20 @@ def input_channels(channels: int | Sequence[int] | None, k: int) -> int:
     if int(k) < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     return n * (2 * int(k) + 1)
+
+
+def validation_lesion_kinds(polarity: str = "any") -> tuple[str, ...]:
+    """The synthetic lesions that validation inserts: those a map of this ``polarity`` is meant to find.
+
+    ``bright`` seeks hyperintense lesions only and ``dark`` hypointense ones, so checkpoint selection measures
+    the model on what the user asked for; ``any`` uses every kind (hyper, hypo, texture, deform).
+    """
+    from monai_dnprd.anomaly_map import POLARITIES
+    from monai_dnprd.transforms.array import SyntheticLesion
+
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {polarity!r}")
+    return {"bright": ("hyper",), "dark": ("hypo",)}.get(polarity, SyntheticLesion.KINDS)
 
 
 def _cli_keys(argv: Sequence[str]) -> list[str]:

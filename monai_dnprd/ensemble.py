@@ -36,6 +36,7 @@ __all__ = [
     "ensemble_network",
     "volume_inferer",
     "member_calibration_path",
+    "model_polarity",
     "SHARED_PREPROCESSING",
 ]
 
@@ -119,10 +120,11 @@ def volume_inferer(
     z_sigma: float | None = None,
     precision: str = "fp32",
     flip: bool = False,
+    polarity: str | None = None,
 ) -> Inferer:
-    """A ``DNPVolumeInferer`` per model, with its own input size, slice neighbours and smoothing (``sigma`` and
-    ``z_sigma`` override the smoothing of every model when given; ``flip`` mirrors each slice as test-time
-    augmentation); an ``EnsembleInferer`` over them if several."""
+    """A ``DNPVolumeInferer`` per model, with its own input size, slice neighbours, smoothing and polarity
+    (``sigma``, ``z_sigma`` and ``polarity`` override those of every model when given; ``flip`` mirrors each
+    slice as test-time augmentation); an ``EnsembleInferer`` over them if several."""
     inferers = []
     for _, ckpt in models:
         p = ckpt["preprocessing"]
@@ -131,24 +133,32 @@ def volume_inferer(
             sigma=p["sigma"] if sigma is None else sigma,
             z_sigma=p["z_sigma"] if z_sigma is None else z_sigma,
             precision=precision, flip=flip,
+            polarity=model_polarity(p) if polarity is None else polarity,
         ))
     if len(models) == 1:
         return inferers[0]
     return EnsembleInferer(inferers, [ckpt["normal_q99"] for _, ckpt in models])
 
 
+def model_polarity(params: dict) -> str:
+    """The map polarity a model was trained and calibrated with (``"any"`` for models made before the setting)."""
+    return params.get("polarity") or "any"
+
+
 def member_calibration_path(
-    models: Sequence[Model], sigma: float | None = None, z_sigma: float | None = None, flip: bool = False
+    models: Sequence[Model], sigma: float | None = None, z_sigma: float | None = None, flip: bool = False,
+    polarity: str | None = None,
 ) -> str | None:
     """The calibration inference uses without ``--calibration_dir``: the single model's own, or none for an
     ensemble (with a warning: its maps are still written, its thresholds and masks are not).
 
-    Training calibrated the model's map as it made it (its ``sigma`` and ``z_sigma``, no flip); other map
-    settings at inference change the normal score distribution, so that case is warned about too.
+    Training calibrated the model's map as it made it (its ``sigma``, ``z_sigma`` and ``polarity``, no flip);
+    other map settings at inference change the normal score distribution, so that case is warned about too.
     """
     if len(models) == 1:
         path, params = models[0][1]["path"], models[0][1]["preprocessing"]
         changed = [f"{k} {v}" for k, v in (("sigma", sigma), ("z_sigma", z_sigma)) if v is not None and v != params.get(k)]
+        changed += [f"polarity {polarity}"] if polarity is not None and polarity != model_polarity(params) else []
         changed += ["flip_tta"] if flip else []
         if changed:
             logger.warning(

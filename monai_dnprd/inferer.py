@@ -2,7 +2,8 @@
 
 All slices of a volume that hold foreground go through the network in batches; each slice map is computed on
 the token grid, upsampled straight to the slice's own in-plane size, blurred, stacked back in z, optionally
-smoothed along z and zeroed outside the foreground. The result carries the input's meta so that MONAI's
+smoothed along z, zeroed outside the foreground and, when only bright or dark anomalies are sought, weighted
+by the voxel's intensity rank (``polarity``). The result carries the input's meta so that MONAI's
 ``Invertd`` can bring it back to the original image space.
 """
 
@@ -12,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from monai_dnprd.anomaly_map import gaussian_blur1d, slice_anomaly_map
+from monai_dnprd.anomaly_map import POLARITIES, gaussian_blur1d, polarity_gate, slice_anomaly_map
 from monai_dnprd.engines.trainer import autocast_context
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
@@ -33,6 +34,9 @@ class DNPVolumeInferer(Inferer):
         flip: test-time augmentation: every slice also goes through the network mirrored along its first
             in-plane axis (left-right after RAS orientation, the flip used in training); the two maps, the
             second mirrored back, are averaged. Twice the network time.
+        polarity: "any" (default), "bright" or "dark": multiply the map by the voxel's intensity rank in the
+            foreground (of the first input channel), or by one minus it, when the lesions sought are known to be
+            brighter (FLAIR hyperintensities) or darker than the tissue around them (``anomaly_map.polarity_gate``).
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class DNPVolumeInferer(Inferer):
         z_sigma: float = 0.0,
         precision: str = "fp32",
         flip: bool = False,
+        polarity: str = "any",
     ) -> None:
         super().__init__()
         self.img_size = int(img_size)
@@ -55,6 +60,9 @@ class DNPVolumeInferer(Inferer):
         self.z_sigma = float(z_sigma)
         self.precision = precision
         self.flip = bool(flip)
+        if polarity not in POLARITIES:
+            raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {polarity!r}")
+        self.polarity = polarity
         self.resize = ResizeSlices(self.img_size)
 
     def slice_maps(self, network: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
@@ -106,6 +114,9 @@ class DNPVolumeInferer(Inferer):
                 out_s = gaussian_blur1d(out_s, self.z_sigma, dim=0)
             if fg is not None:
                 out_s.mul_(fg.movedim(ax, 0))
+            gate = polarity_gate(vol[0], fg, self.polarity)
+            if gate is not None:
+                out_s.mul_(gate.movedim(ax, 0))
         # one copy back to the volume's axis order, made outside inference mode (Invertd and writers may modify it)
         volume = out_s.movedim(0, ax).clone(memory_format=torch.contiguous_format)[None]
         if isinstance(inputs, MetaTensor):

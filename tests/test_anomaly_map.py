@@ -15,6 +15,8 @@ from monai_dnprd.anomaly_map import (
     group_feature_spread,
     gaussian_blur1d,
     gaussian_blur2d,
+    intensity_rank,
+    polarity_gate,
     prototype_usage,
     slice_anomaly_map,
     upsample_blur,
@@ -167,3 +169,40 @@ def test_feature_spread():
     ref = tokens.reshape(-1, 16).std(0).mean()
     torch.testing.assert_close(feature_spread(tokens), ref)
     assert feature_spread(tokens).item() > 0.5
+
+
+# ------------------------------------------------------------------------------------ polarity (intensity rank)
+def test_intensity_rank_is_the_mid_rank_within_the_mask():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 20, size=(9, 8, 7)).astype(np.float32)  # many ties
+    mask = rng.random((9, 8, 7)) > 0.3
+    r = intensity_rank(torch.from_numpy(img), torch.from_numpy(mask)).numpy()
+    expected = (rankdata(img[mask], method="average") - 0.5) / mask.sum()
+    np.testing.assert_allclose(r[mask], expected, rtol=1e-6)
+    assert (r[~mask] == 0).all() and r[mask].min() > 0 and r[mask].max() < 1
+    # equal intensities share their rank, and any monotone normalisation leaves the ranks unchanged
+    assert len(np.unique(r[mask & (img == 7)])) == 1
+    r2 = intensity_rank(torch.from_numpy(np.exp(img / 5) * 3 - 1), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(r2, r, rtol=1e-6)
+    # no mask: the whole volume; an empty mask: zeros; a mask of another shape: refused
+    assert intensity_rank(torch.tensor([[3.0, 1.0], [2.0, 4.0]])).tolist() == [[0.625, 0.125], [0.375, 0.875]]
+    assert intensity_rank(torch.ones(3, 3), torch.zeros(3, 3, dtype=torch.bool)).abs().sum() == 0
+    with pytest.raises(ValueError, match="does not match"):
+        intensity_rank(torch.ones(3, 3), torch.ones(3, 4))
+
+
+def test_polarity_gate():
+    img = torch.arange(24.0).reshape(2, 3, 4)
+    mask = img % 5 != 0
+    bright, dark = polarity_gate(img, mask, "bright"), polarity_gate(img, mask, "dark")
+    assert polarity_gate(img, mask, "any") is None
+    torch.testing.assert_close(bright, intensity_rank(img, mask))
+    torch.testing.assert_close(dark[mask], 1.0 - bright[mask])
+    assert (dark[~mask] == 0).all()
+    # the brightest foreground voxel gets the largest bright weight and the smallest dark one
+    top = img.masked_fill(~mask, -1).argmax()
+    assert bright.flatten()[top] == bright.max() and dark.flatten()[top] == dark[mask].min()
+    with pytest.raises(ValueError, match="polarity must be one of any, bright, dark"):
+        polarity_gate(img, mask, "positive")

@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import root_message, run_workflow
+from conftest import BUNDLE, root_message, run_workflow
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from monai_dnprd.calibration import Calibration
@@ -218,3 +219,65 @@ def test_changed_map_settings_warn_that_the_training_calibration_may_not_fit(tmp
     with caplog.at_level("WARNING", logger="monai_dnprd"):
         member_calibration_path(models, sigma=3.0, flip=True)
     assert "not with sigma 3.0, flip_tta" in caplog.text
+
+
+
+# ----------------------------------------------------------------------------------------------------- polarity
+def test_polarity_weights_the_map_by_the_intensity_rank_of_the_first_channel(volume):
+    from monai_dnprd.anomaly_map import intensity_rank
+
+    vol, mask = volume
+    vol2 = MetaTensor(torch.cat([vol.as_tensor(), torch.rand(1, 20, 20, 7)]), affine=vol.affine)  # two channels
+    net = DNPConFormer(img_size=16, patch_size=8, in_channels=6, vit="tiny", depth=2, num_register_tokens=0).eval()
+    kw = dict(img_size=16, k=1, batch_size=4, sigma=1.0, z_sigma=1.0)
+    plain = DNPVolumeInferer(**kw)(vol2, net, mask=mask).as_tensor()
+    rank = intensity_rank(vol[0], mask[0] > 0)
+    bright = DNPVolumeInferer(**kw, polarity="bright")(vol2, net, mask=mask)
+    dark = DNPVolumeInferer(**kw, polarity="dark")(vol2, net, mask=mask)
+    assert isinstance(bright, MetaTensor) and torch.equal(bright.affine, vol.affine)
+    torch.testing.assert_close(bright.as_tensor(), plain * rank[None])
+    torch.testing.assert_close(dark.as_tensor(), plain * torch.where(mask > 0, 1.0 - rank[None], 0.0))
+    torch.testing.assert_close(DNPVolumeInferer(**kw, polarity="any")(vol2, net, mask=mask).as_tensor(), plain)
+    with pytest.raises(ValueError, match="polarity must be one of"):
+        DNPVolumeInferer(**kw, polarity="hyper")
+
+
+def test_volume_inferer_takes_the_models_polarity_unless_overridden(tmp_path, caplog):
+    from monai_dnprd.ensemble import member_calibration_path
+
+    paths = [save_member(tmp_path / "old", 0), save_member(tmp_path / "bright", 1, polarity="bright")]
+    old, bright = load_models(str(paths[0])), load_models(str(paths[1]))  # old: no "polarity" key (made before it)
+    assert volume_inferer(old).polarity == "any" and volume_inferer(bright).polarity == "bright"
+    assert volume_inferer(bright, polarity="any").polarity == "any"
+    assert [i.polarity for i in volume_inferer(load_models([str(p) for p in paths])).inferers] == ["any", "bright"]
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        member_calibration_path(bright, polarity="bright")
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        member_calibration_path(old, polarity="bright")
+    assert "not with polarity bright" in caplog.text
+
+
+@pytest.mark.parametrize("override, expected", [(None, "bright"), ("any", "any")])
+def test_bundle_inference_and_training_configs_pass_the_polarity_on(tmp_path, override, expected):
+    model = save_member(tmp_path, 0, polarity="bright")
+    for config in ("inference.json", "evaluate.json"):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / config))
+        parser.update({"ckpt_path": str(model), "polarity": override, "device": "cpu"})
+        assert parser.get_parsed_content("inferer").polarity == expected, config
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update({"polarity": "dark", "device": "cpu"})
+    assert parser.get_parsed_content("inferer").polarity == "dark"
+    assert parser.get_parsed_content("preprocessing_params")["polarity"] == "dark"  # exported with the model
+    assert parser.get_parsed_content("lesions").lesioner.kinds == ("hypo",)  # validation seeks dark lesions
+
+
+def test_validation_lesion_kinds_follow_the_polarity():
+    from monai_dnprd.config import validation_lesion_kinds
+
+    assert validation_lesion_kinds("any") == ("hyper", "hypo", "texture", "deform")
+    assert validation_lesion_kinds("bright") == ("hyper",) and validation_lesion_kinds("dark") == ("hypo",)
+    with pytest.raises(ValueError, match="polarity must be one of"):
+        validation_lesion_kinds("up")

@@ -72,3 +72,32 @@ def test_inspect_model_notebook(kernel, tmp_path):
     assert _images(nb) >= 3  # montage, prototypes, curves
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "freshly initialised" in text and "score" in text
+
+
+@pytest.mark.slow
+def test_inspect_model_notebook_takes_the_bundle_chain_for_a_4d_multichannel_model(kernel, tmp_path):
+    """Own volumes and a model with settings the demo never uses: channels of a 4D input, bright polarity."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from monai_dnprd.checkpoint import export_model
+    from monai_dnprd.demo import prepare_demo_data
+    from monai_dnprd.networks import DNPConFormer
+
+    src = nib.load(str(prepare_demo_data()["test_images"] / "IXI015_hyper.nii.gz"))
+    x = np.asarray(src.dataobj, dtype=np.float32)
+    image = tmp_path / "two_sequences.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([x, x.max() - x], -1), src.affine), str(image))  # (X, Y, Z, 2)
+    torch.manual_seed(0)
+    params = {"modality": "mri", "channels": [1, 0], "k": 1, "img_size": 32, "margin": 4, "spacing": None,
+              "sigma": 1.0, "z_sigma": 1.0, "score_q": 0.01, "polarity": "bright"}
+    net = DNPConFormer(img_size=32, patch_size=8, in_channels=6, vit="tiny", depth=2, num_prototypes=4)
+    model = export_model(tmp_path / "run" / "models" / "model.pt", net, params)
+    nb = run_notebook(NOTEBOOKS / "02_inspect_model.ipynb", {"model_path": str(model), "image_paths": [str(image)]},
+                      kernel, tmp_path)
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "'channels': [1, 0]" in text and "'polarity': 'bright'" in text
+    assert f"map of shape {x.shape} on the grid of the input ({x.shape})" in text
+    assert _images(nb) >= 2  # montage, prototypes (no training log for this model: said so, no figure)
+    assert "training_log" in text or "no training log" in text
