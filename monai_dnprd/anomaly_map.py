@@ -158,22 +158,29 @@ def slice_anomaly_map(
 POLARITIES = ("any", "bright", "dark")
 
 
-def intensity_rank(image: Tensor, mask: Tensor | None = None) -> Tensor:
+def intensity_rank(image: Tensor, mask: Tensor | None = None, bins: int = 65536) -> Tensor:
     """Each voxel's intensity rank within ``mask``, in (0, 1): the share of the masked voxels darker than it, ties
-    sharing their mid-rank; 0 outside the mask. Any monotone intensity normalisation leaves it unchanged."""
+    sharing their mid-rank; 0 outside the mask. Any monotone intensity normalisation leaves it unchanged.
+
+    Values closer than ``(max - min) / bins`` count as ties: a histogram of the masked intensities replaces a
+    sort (a few linear passes over the volume, where sorting the 40 million foreground voxels of a CT-sized
+    volume took several seconds here), and a rank is then off by at most half the share of the voxels in one
+    such bin.
+    """
     img = torch.as_tensor(image).float()
     m = torch.ones_like(img, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
     if m.shape != img.shape:
         raise ValueError(f"mask shape {tuple(m.shape)} does not match image shape {tuple(img.shape)}")
-    out = torch.zeros_like(img)
-    values = img[m]
-    if values.numel() == 0:
-        return out
-    ordered = torch.sort(values).values
-    below = torch.searchsorted(ordered, values, right=False)
-    not_above = torch.searchsorted(ordered, values, right=True)
-    out[m] = (below + not_above).double().div_(2.0 * values.numel()).float()
-    return out
+    n = int(m.sum())
+    if n == 0:
+        return torch.zeros_like(img)
+    lo, hi = img.masked_fill(~m, float("inf")).min(), img.masked_fill(~m, float("-inf")).max()
+    scale = bins / (hi - lo) if hi > lo else torch.zeros(())
+    which = ((img - lo) * scale).clamp_(0, bins - 1).to(torch.int64)
+    which.masked_fill_(~m, bins)  # voxels outside the mask go to a bin of their own, dropped below
+    counts = torch.bincount(which.flatten(), minlength=bins + 1)[:bins]
+    mid = torch.cat([(2 * counts.cumsum(0) - counts).double().div_(2.0 * n).float(), torch.zeros(1)])
+    return mid[which]  # (below + not_above) / 2n per bin; 0 outside the mask
 
 
 def polarity_gate(image: Tensor, mask: Tensor | None = None, polarity: str = "any") -> Tensor | None:

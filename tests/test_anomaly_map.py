@@ -191,6 +191,15 @@ def test_intensity_rank_is_the_mid_rank_within_the_mask():
     assert intensity_rank(torch.ones(3, 3), torch.zeros(3, 3, dtype=torch.bool)).abs().sum() == 0
     with pytest.raises(ValueError, match="does not match"):
         intensity_rank(torch.ones(3, 3), torch.ones(3, 4))
+    # continuous intensities: values within (max - min) / bins of each other count as ties, so the rank is off by
+    # at most half a bin's share of the voxels
+    x = rng.normal(size=200_000).astype(np.float32)
+    exact = (rankdata(x) - 0.5) / x.size
+    for bins in (65536, 256):
+        counts = np.histogram(x, bins=bins)[0]
+        err = np.abs(intensity_rank(torch.from_numpy(x), bins=bins).numpy() - exact).max()
+        assert err <= counts.max() / x.size / 2 + 1e-6
+    assert np.abs(intensity_rank(torch.from_numpy(x), bins=256).numpy() - exact).max() > 1e-3  # the bound bites
 
 
 def test_polarity_gate():
