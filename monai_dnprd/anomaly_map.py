@@ -17,6 +17,7 @@ __all__ = [
     "upsample_blur",
     "slice_anomaly_map",
     "POLARITIES",
+    "check_polarity",
     "intensity_rank",
     "polarity_gate",
     "residual_zscore",
@@ -158,6 +159,13 @@ def slice_anomaly_map(
 POLARITIES = ("any", "bright", "dark")
 
 
+def check_polarity(polarity: str) -> str:
+    """``polarity`` itself if it is one of ``POLARITIES``; otherwise a ValueError that names them."""
+    if polarity not in POLARITIES:
+        raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {polarity!r}")
+    return polarity
+
+
 def intensity_rank(image: Tensor, mask: Tensor | None = None, bins: int = 65536) -> Tensor:
     """Each voxel's intensity rank within ``mask``, in (0, 1): the share of the masked voxels darker than it, ties
     sharing their mid-rank; 0 outside the mask. Any monotone intensity normalisation leaves it unchanged.
@@ -191,9 +199,7 @@ def polarity_gate(image: Tensor, mask: Tensor | None = None, polarity: str = "an
     minus it; ``any``: no gate (``None``). The counterpart of keeping only positive residuals in
     intensity-reconstruction methods, for a feature-space map that has no sign of its own.
     """
-    if polarity not in POLARITIES:
-        raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {polarity!r}")
-    if polarity == "any":
+    if check_polarity(polarity) == "any":
         return None
     rank = intensity_rank(image, mask)
     if polarity == "dark":

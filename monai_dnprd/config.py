@@ -76,12 +76,10 @@ def validation_lesion_kinds(polarity: str = "any") -> tuple[str, ...]:
     ``bright`` seeks hyperintense lesions only and ``dark`` hypointense ones, so checkpoint selection measures
     the model on what the user asked for; ``any`` uses every kind (hyper, hypo, texture, deform).
     """
-    from monai_dnprd.anomaly_map import POLARITIES
+    from monai_dnprd.anomaly_map import check_polarity
     from monai_dnprd.transforms.array import SyntheticLesion
 
-    if polarity not in POLARITIES:
-        raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {polarity!r}")
-    return {"bright": ("hyper",), "dark": ("hypo",)}.get(polarity, SyntheticLesion.KINDS)
+    return {"bright": ("hyper",), "dark": ("hypo",)}.get(check_polarity(polarity), SyntheticLesion.KINDS)
 
 
 def _cli_keys(argv: Sequence[str]) -> list[str]:

@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from monai_dnprd.anomaly_map import POLARITIES, gaussian_blur1d, polarity_gate, slice_anomaly_map
+from monai_dnprd.anomaly_map import check_polarity, gaussian_blur1d, polarity_gate, slice_anomaly_map
 from monai_dnprd.engines.trainer import autocast_context
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
@@ -60,9 +60,7 @@ class DNPVolumeInferer(Inferer):
         self.z_sigma = float(z_sigma)
         self.precision = precision
         self.flip = bool(flip)
-        if polarity not in POLARITIES:
-            raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {polarity!r}")
-        self.polarity = polarity
+        self.polarity = check_polarity(polarity)
         self.resize = ResizeSlices(self.img_size)
 
     def slice_maps(self, network: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:

@@ -221,7 +221,6 @@ def test_changed_map_settings_warn_that_the_training_calibration_may_not_fit(tmp
     assert "not with sigma 3.0, flip_tta" in caplog.text
 
 
-
 # ----------------------------------------------------------------------------------------------------- polarity
 def test_polarity_weights_the_map_by_the_intensity_rank_of_the_first_channel(volume):
     from monai_dnprd.anomaly_map import intensity_rank
