@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from monai_dnprd.anomaly_map import POLARITIES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,7 +54,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--flip-tta", action="store_true", help="mirrored second pass per slice (test-time augmentation)")
-    ap.add_argument("--polarity", default=None, choices=["any", "bright", "dark"], help="override the model's polarity")
+    ap.add_argument("--polarity", default=None, choices=POLARITIES, help="override the model's polarity")
     args = ap.parse_args()
 
     from monai.bundle import ConfigParser
