@@ -37,6 +37,7 @@ __all__ = [
     "volume_inferer",
     "member_calibration_path",
     "model_polarity",
+    "map_setting_changes",
     "SHARED_PREPROCESSING",
 ]
 
@@ -137,7 +138,24 @@ def volume_inferer(
         ))
     if len(models) == 1:
         return inferers[0]
+    changed = sorted({c for _, ckpt in models for c in map_setting_changes(ckpt["preprocessing"], sigma, z_sigma, polarity, flip)})
+    if changed:
+        logger.warning(
+            "ensemble with %s: each member's normal scale comes from its training calibration, made with its own "
+            "map settings, so the members are weighted only roughly alike (--calibration_dir sets the ensemble's "
+            "thresholds, not these scales)", ", ".join(changed),
+        )
     return EnsembleInferer(inferers, [ckpt["normal_q99"] for _, ckpt in models])
+
+
+def map_setting_changes(
+    params: dict, sigma: float | None = None, z_sigma: float | None = None, polarity: str | None = None, flip: bool = False
+) -> list[str]:
+    """The inference overrides that differ from the map settings a model was trained and calibrated with."""
+    changed = [f"{k} {v}" for k, v in (("sigma", sigma), ("z_sigma", z_sigma)) if v is not None and v != params.get(k)]
+    changed += [f"polarity {polarity}"] if polarity is not None and polarity != model_polarity(params) else []
+    changed += ["flip_tta"] if flip else []
+    return changed
 
 
 def model_polarity(params: dict) -> str:
@@ -157,9 +175,7 @@ def member_calibration_path(
     """
     if len(models) == 1:
         path, params = models[0][1]["path"], models[0][1]["preprocessing"]
-        changed = [f"{k} {v}" for k, v in (("sigma", sigma), ("z_sigma", z_sigma)) if v is not None and v != params.get(k)]
-        changed += [f"polarity {polarity}"] if polarity is not None and polarity != model_polarity(params) else []
-        changed += ["flip_tta"] if flip else []
+        changed = map_setting_changes(params, sigma, z_sigma, polarity, flip)
         if changed:
             logger.warning(
                 "%s: its calibration was made with the training run's map settings, not with %s; thresholds and "

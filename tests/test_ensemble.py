@@ -258,6 +258,22 @@ def test_volume_inferer_takes_the_models_polarity_unless_overridden(tmp_path, ca
     assert "not with polarity bright" in caplog.text
 
 
+def test_ensemble_warns_when_overrides_change_the_maps_its_member_scales_came_from(tmp_path, caplog):
+    paths = [save_member(tmp_path / "a", 0), save_member(tmp_path / "b", 1, polarity="bright")]
+    models = load_models([str(p) for p in paths])
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        volume_inferer(models)  # each member as trained: its scale fits its map
+        volume_inferer(models, sigma=PARAMS["sigma"])  # an override equal to every member's setting
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        volume_inferer(models, polarity="bright")  # member a was calibrated without the gate
+    assert "ensemble with polarity bright: each member's normal scale" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        volume_inferer(models, z_sigma=3.0, flip=True)
+    assert "ensemble with flip_tta, z_sigma 3.0:" in caplog.text
+
+
 @pytest.mark.parametrize("override, expected", [(None, "bright"), ("any", "any")])
 def test_bundle_inference_and_training_configs_pass_the_polarity_on(tmp_path, override, expected):
     model = save_member(tmp_path, 0, polarity="bright")
