@@ -10,6 +10,8 @@ Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out run
        [--sequences fla t2]   (the model reads FLAIR and T2 as the channels of 4D inputs; baselines: FLAIR)
        python bench/tcga_protocol.py --out runs/bench_tcga --rescore   (metrics again, no training)
        python bench/tcga_protocol.py --out runs/bench_tcga --own_case  (each trained model on its own training case)
+       python bench/tcga_protocol.py --out runs/bench_tcga_pooled --pooled  (one model on the slabs of both cases,
+                                                                             tested on each whole case: a diagnostic)
 Prints a table and writes OUT/results.json.
 """
 
@@ -194,6 +196,43 @@ def flair_test_volume(work: Path) -> Path:
     return work / "test_flair.nii.gz" if (work / "test_flair.nii.gz").is_file() else work / "test" / "case.nii.gz"
 
 
+def pooled(data: Path, out: Path, iterations: int, warmup: int, extra: dict) -> dict:
+    """Train one model on the tumour-free slabs of both cases and score it on each case's whole volume.
+
+    A diagnostic, not the protocol: the model has seen the normal levels of both test brains. If twice the
+    normal data (two brains instead of one) makes the tumours easy to find, too little normal data is the limit.
+    """
+    cases = sorted(p for p in data.iterdir() if p.is_dir())
+    shutil.rmtree(out, ignore_errors=True)
+    for case in cases:
+        slabs(next(case.glob("*_fla_bet.nii.gz")), case / "fusion_simple_seg.nii.gz", out / "normal")
+    t0 = time.time()
+    run_bundle("train.json", "training", dataset_dir=str(out / "normal"), val_dir=str(out / "normal"),
+               output_dir=str(out / "train"), num_iterations=iterations, warmup_iterations=warmup, **extra)
+    results: dict = {"train_seconds": time.time() - t0}
+    for case in cases:
+        work = out / case.name
+        (work / "test").mkdir(parents=True)
+        (work / "labels").mkdir()
+        shutil.copy(next(case.glob("*_fla_bet.nii.gz")), work / "test" / "case.nii.gz")
+        shutil.copy(case / "fusion_simple_seg.nii.gz", work / "labels" / "case.nii.gz")
+        run_bundle("evaluate.json", "evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
+                   output_dir=str(work / "eval"), ckpt_path=str(out / "train" / "models" / "model.pt"), report="false")
+        model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
+        label = np.asarray(nib.load(str(work / "labels" / "case.nii.gz")).dataobj) > 0
+        fg = model_map > 0
+        maps = {"dnp_conformer": model_map,
+                **baselines(work / "test" / "case.nii.gz", work / "labels" / "case.nii.gz", fg,
+                            sorted((out / "normal").glob("*.nii.gz")))}
+        results[case.name] = {name: case_metrics(m, label, fg) for name, m in maps.items()
+                              if name in ("dnp_conformer", "flair_zscore_median3", "random")}
+        d, b = results[case.name]["dnp_conformer"], results[case.name]["flair_zscore_median3"]
+        print(f"pooled model on {case.name}: voxel AUROC {d['voxel_auroc']:.3f} AP {d['voxel_ap']:.3f} best Dice "
+              f"{d['voxel_best_dice']:.3f} (FLAIR median3 AP {b['voxel_ap']:.3f} Dice {b['voxel_best_dice']:.3f})", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tcga_lgg"))
@@ -209,7 +248,12 @@ def main() -> None:
                          "the baselines always use the FLAIR")
     ap.add_argument("--own_case", action="store_true",
                     help="score each trained model under --out on its own training case (no training, a diagnostic)")
+    ap.add_argument("--pooled", action="store_true",
+                    help="train one model on the slabs of both cases and test it on each whole case (a diagnostic)")
     args = ap.parse_args()
+    if args.pooled:
+        pooled(Path(args.data), Path(args.out), args.iterations, args.warmup, json.loads(args.extra))
+        return
 
     data, out = Path(args.data), Path(args.out)
     cases = sorted(p for p in data.iterdir() if p.is_dir())
