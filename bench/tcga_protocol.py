@@ -10,6 +10,8 @@ Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out run
        [--sequences fla t2]   (the model reads FLAIR and T2 as the channels of 4D inputs; baselines: FLAIR)
        python bench/tcga_protocol.py --out runs/bench_tcga --rescore   (metrics again, no training)
        python bench/tcga_protocol.py --out runs/bench_tcga --own_case  (each trained model on its own training case)
+       python bench/tcga_protocol.py --out runs/bench_tcga_excl --exclusion  (a variant: train on the whole training
+                                              case with its tumour label, grown by 5 mm, as an exclusion mask)
        python bench/tcga_protocol.py --out runs/bench_tcga_pooled --pooled  (one model on the slabs of both cases,
                                                                              tested on each whole case: a diagnostic)
 Prints a table and writes OUT/results.json.
@@ -248,6 +250,9 @@ def main() -> None:
                          "the baselines always use the FLAIR")
     ap.add_argument("--own_case", action="store_true",
                     help="score each trained model under --out on its own training case (no training, a diagnostic)")
+    ap.add_argument("--exclusion", action="store_true",
+                    help="variant: train (and validate) on the whole training case, its tumour label given as an "
+                         "exclusion mask (--exclude_dir) instead of cutting out the tumour's slabs")
     ap.add_argument("--pooled", action="store_true",
                     help="train one model on the slabs of both cases and test it on each whole case (a diagnostic)")
     args = ap.parse_args()
@@ -295,7 +300,17 @@ def main() -> None:
             label_dir.mkdir()
             tflair = next(test_case.glob("*_fla_bet.nii.gz"))
             extra = json.loads(args.extra)
-            if args.sequences == ["fla"]:
+            if args.exclusion:
+                if args.sequences != ["fla"]:
+                    raise SystemExit("--exclusion is implemented for FLAIR only")
+                (work / "normal").mkdir(parents=True)
+                (work / "exclude").mkdir()
+                shutil.copy(flair, work / "normal" / "case.nii.gz")
+                shutil.copy(seg, work / "exclude" / "case.nii.gz")
+                extra["exclude_dir"] = str(work / "exclude")
+                train_slabs = slabs(flair, seg, work / "normal_flair")  # the normal-intensity baseline's data
+                shutil.copy(tflair, test_dir / "case.nii.gz")
+            elif args.sequences == ["fla"]:
                 train_slabs = slabs(flair, seg, work / "normal")
                 shutil.copy(tflair, test_dir / "case.nii.gz")
             else:  # 4D inputs with the sequences as channels; FLAIR-only copies for the baselines

@@ -221,15 +221,19 @@ class ResidualMoments:
         self.sums: list[Tensor] = []
         self.squares: list[Tensor] = []
 
-    def update(self, targets: Sequence[Tensor], recons: Sequence[Tensor]) -> None:
+    def update(self, targets: Sequence[Tensor], recons: Sequence[Tensor], keep: Tensor | None = None) -> None:
+        """Add one forward pass; ``keep`` (B, 1, h, w) or (B, N) bool leaves the tokens of known lesions out."""
+        sel = None if keep is None else keep.reshape(-1).bool().to(targets[0].device)
         for g, (a, b) in enumerate(zip(targets, recons)):
             r = (a.double() - b.double()).movedim(1, -1).reshape(-1, a.shape[1])
+            if sel is not None:
+                r = r[sel]
             if len(self.sums) <= g:
                 self.sums.append(torch.zeros(a.shape[1], dtype=torch.float64, device=r.device))
                 self.squares.append(torch.zeros(a.shape[1], dtype=torch.float64, device=r.device))
             self.sums[g] += r.sum(0)
             self.squares[g] += r.square().sum(0)
-        self.n += targets[0].shape[0] * targets[0].shape[2] * targets[0].shape[3]
+        self.n += int(sel.sum()) if sel is not None else targets[0].shape[0] * targets[0].shape[2] * targets[0].shape[3]
 
     def stats(self) -> list[tuple[Tensor, Tensor]]:
         if self.n < 2:

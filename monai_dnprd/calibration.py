@@ -188,9 +188,11 @@ def fit_residual_stats(
     """Fit and store the ``residual_z`` map's per-channel residual mean/std on normal training slices.
 
     ``volumes`` are preprocessed items (``image`` (C, X, Y, Z), ``mask``); every token of the chosen slices
-    counts, as in training. The network is run in eval mode and its mode restored. Returns the token count.
+    counts, as in training, except those that touch an item's ``exclude`` region (known lesions). The network
+    is run in eval mode and its mode restored. Returns the token count.
     """
     from monai_dnprd.anomaly_map import ResidualMoments
+    from monai_dnprd.losses import token_keep
     from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
     net = network.module if hasattr(network, "module") else network
@@ -205,10 +207,15 @@ def fit_residual_stats(
     try:
         for v in sorted({v for v, _ in pairs}):
             vol = torch.as_tensor(volumes[v]["image"]).float()
+            ex = volumes[v].get("exclude")
             idx = torch.tensor([z for vv, z in pairs if vv == v])
             for chunk in idx.split(batch_size):  # native-size stacks one batch at a time (CT slices are large)
                 out = net(resize(gather_slice_stacks(vol, chunk, k)).to(device))
-                moments.update([t.float() for t in out.targets], [r.float() for r in out.recons])
+                keep = None
+                if ex is not None:
+                    stack = gather_slice_stacks(torch.as_tensor(ex).float(), chunk, k).amax(1, keepdim=True)
+                    keep = token_keep(resize(stack), net.encoder.patch_size)
+                moments.update([t.float() for t in out.targets], [r.float() for r in out.recons], keep=keep)
         net.set_residual_stats(moments.stats(), moments.n)
     finally:
         net.train(was_training)

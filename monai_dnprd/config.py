@@ -136,9 +136,12 @@ def check_cli_overrides(argv: Sequence[str] | None = None, extra_keys: Sequence[
 
 
 def training_lists(dataset_dir: str | None, val_dir: str | None = None, val_fraction: float = 0.2,
-                   seed: int = 0) -> dict[str, list[dict]]:
-    """Training and validation datalists: the user's folders, or the embedded demo data when none is given."""
-    from monai_dnprd.data import normal_datalists
+                   seed: int = 0, exclude_dir: str | None = None) -> dict[str, list[dict]]:
+    """Training and validation datalists: the user's folders, or the embedded demo data when none is given.
+
+    With ``exclude_dir``, volumes get the masks of their known abnormal regions (``data.attach_exclusions``).
+    """
+    from monai_dnprd.data import attach_exclusions, normal_datalists
     from monai_dnprd.io import find_volumes
 
     if dataset_dir in (None, "", "None", "null"):
@@ -157,6 +160,10 @@ def training_lists(dataset_dir: str | None, val_dir: str | None = None, val_frac
     else:
         train, val = normal_datalists(dataset_dir, val_fraction=val_fraction, seed=seed)
     logger.info("%d training and %d validation volumes", len(train), len(val))
+    if exclude_dir not in (None, "", "None", "null"):
+        train = [dict(d) for d in train]
+        val = [dict(d) for d in val]
+        attach_exclusions(train + val, exclude_dir)
     return {"train": train, "val": val}
 
 

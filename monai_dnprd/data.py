@@ -18,6 +18,7 @@ __all__ = [
     "SafeDataset",
     "normal_datalists",
     "labelled_datalist",
+    "attach_exclusions",
     "SliceDataset",
     "iter_preprocessed",
     "preprocess_volumes",
@@ -102,6 +103,34 @@ def labelled_datalist(input_dir: str | Path, label_dir: str | Path | None = None
         d["label"] = by_name[d["name"]]["image"]
         d["label_series_uid"] = by_name[d["name"]].get("series_uid", "")
     return items, problems + label_problems
+
+
+def attach_exclusions(items: Sequence[dict], exclude_dir: str | Path | None) -> int:
+    """Give each item the mask of its known abnormal voxels: the file (or DICOM series) of the same name under
+    ``exclude_dir``, as ``exclude`` (and ``exclude_series_uid``). Items without one are taken as wholly normal.
+
+    Returns how many items got a mask; none at all is an error (a wrong folder or other file names would
+    otherwise train on the lesions without a word).
+    """
+    if exclude_dir in (None, "", "None", "null"):
+        return 0
+    masks, problems = find_volumes(exclude_dir)
+    for p in problems:
+        logger.warning("skipped exclusion mask: %s", p)
+    by_name = {m["name"]: m for m in masks}
+    n = 0
+    for d in items:
+        m = by_name.get(d["name"])
+        if m is not None:
+            d["exclude"] = m["image"]
+            d["exclude_series_uid"] = m.get("series_uid", "")
+            n += 1
+    if items and not n:
+        names = ", ".join(sorted(by_name)[:3]) or "none"
+        raise VolumeError(exclude_dir, f"no exclusion mask has the name of a training or validation volume "
+                                       f"(masks: {names}; volumes: {', '.join(d['name'] for d in items[:3])})")
+    logger.info("exclusion masks for %d of %d volumes from %s", n, len(items), exclude_dir)
+    return n
 
 
 class SliceDataset(TorchDataset):

@@ -2,7 +2,8 @@
 
 One iteration = (optional masked-image warm-up stage) or (EMA teacher update -> student/teacher forward ->
 soft-mining cosine + Diversity-Aware Alignment losses -> backward -> decoder-side gradient clipping ->
-optimizer and LR-scheduler step). Gradients are cleared every step.
+optimizer and LR-scheduler step). Gradients are cleared every step. A batch with an "exclude" key (known
+lesions, from exclusion masks) leaves the tokens that touch them out of both stages' losses.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from monai_dnprd.anomaly_map import group_feature_spread, prototype_usage
 from monai_dnprd.distributed import average_gradients, is_distributed
+from monai_dnprd.losses import token_keep
 from monai_dnprd.networks.ema import ema_update
 from monai_dnprd.networks.mim import mim_loss
 
@@ -82,16 +84,23 @@ class DNPTrainer(SupervisedTrainer):
         images = batchdata[Keys.IMAGE] if isinstance(batchdata, dict) else batchdata
         images = torch.as_tensor(images).to(engine.state.device, non_blocking=engine.non_blocking).float()
         net = engine._unwrapped()
+        exclude = batchdata.get("exclude") if isinstance(batchdata, dict) else None
+        keep = None  # tokens of known lesions (exclusion masks) are left out of every loss
+        if exclude is not None:
+            keep = token_keep(torch.as_tensor(exclude).to(images.device), net.encoder.patch_size)
         it = engine.state.iteration  # 1-based, already incremented by Ignite
         warmup = it <= engine.warmup_iterations
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         engine.state.output = {Keys.IMAGE: images}
         stats: dict[str, float] = {}
+        if keep is not None:
+            stats["excluded_tokens"] = float(1.0 - keep.mean())  # share of the batch's tokens left out
         with autocast_context(engine.state.device, engine.precision):
             if warmup:
                 engine.mim_head.train()
-                loss = mim_loss(net.encoder, engine.mim_head, images, mask_ratio=engine.mask_ratio)
+                loss = mim_loss(net.encoder, engine.mim_head, images, mask_ratio=engine.mask_ratio,
+                                keep=None if keep is None else keep.flatten(1))
                 stats["mim"] = float(loss.detach())
             else:
                 if it == engine.warmup_iterations + 1 and engine.warmup_iterations > 0:
@@ -100,12 +109,13 @@ class DNPTrainer(SupervisedTrainer):
                 out = engine.network(images)
                 engine.state.output[Keys.PRED] = out
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-                losses = engine.loss_function(out)
+                losses = engine.loss_function(out) if keep is None else engine.loss_function(out, keep=keep)
                 loss = losses["loss"]
                 stats.update({k: float(v.detach()) for k, v in losses.items() if k != "loss"})
                 with torch.no_grad():
                     stats["teacher_spread"] = float(group_feature_spread(out.targets))
-                    usage = prototype_usage(out.assignments, out.prototypes.shape[1]).float()
+                    assignments = out.assignments if keep is None else out.assignments[keep.flatten(1) > 0]
+                    usage = prototype_usage(assignments, out.prototypes.shape[1]).float()
                     stats["prototypes_used"] = float((usage > 0).sum())
                     stats["prototype_max_share"] = float(usage.max() / usage.sum().clamp_min(1))
         engine.state.output[Keys.LOSS] = loss

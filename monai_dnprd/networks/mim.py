@@ -52,8 +52,12 @@ def mim_loss(
     mask_ratio: float = 0.6,
     generator: torch.Generator | None = None,
     normalize_target: bool = False,
+    keep: Tensor | None = None,
 ) -> Tensor:
-    """L1 between predicted and true pixels of randomly masked patches (masked patches only)."""
+    """L1 between predicted and true pixels of randomly masked patches (masked patches only).
+
+    ``keep`` (B, N), 1 = a patch to learn from: patches of known lesions are left out of the loss.
+    """
     b = x.shape[0]
     p = encoder.patch_size
     target = patchify(x, p)
@@ -66,4 +70,6 @@ def mim_loss(
         target = (target - mu) / (var + 1e-6).sqrt()
     err = (pred - target).abs().mean(-1)
     m = mask.to(err.dtype)
+    if keep is not None:
+        m = m * keep.reshape(m.shape).to(err.dtype)
     return (err * m).sum() / m.sum().clamp_min(1.0)

@@ -1,17 +1,21 @@
 """Volumetric preprocessing, 2.5D slice stacks and synthetic lesions (MONAI transforms)."""
 
 from .array import (
+    ExclusionMask,
     ForegroundMask,
     NormalizeForeground,
     ResizeSlices,
     SliceStack25D,
     SquarePad,
     SyntheticLesion,
+    dilate_mm,
     gather_slice_stacks,
+    resample_nearest,
     slice_foreground_fraction,
     voxel_spacing,
 )
 from .dictionary import (
+    ExclusionMaskd,
     ForegroundMaskd,
     NormalizeForegroundd,
     RandSlice25Dd,
@@ -23,6 +27,8 @@ from .dictionary import (
 from .load import LoadVolume, LoadVolumed
 
 __all__ = [
+    "ExclusionMask",
+    "ExclusionMaskd",
     "ForegroundMask",
     "ForegroundMaskd",
     "LoadVolume",
@@ -38,7 +44,9 @@ __all__ = [
     "SquarePadd",
     "SyntheticLesion",
     "SyntheticLesiond",
+    "dilate_mm",
     "gather_slice_stacks",
+    "resample_nearest",
     "slice_foreground_fraction",
     "voxel_spacing",
 ]

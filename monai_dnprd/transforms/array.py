@@ -19,8 +19,11 @@ from monai.transforms import Pad, Randomizable, Transform
 from scipy import ndimage as ndi
 
 __all__ = [
+    "ExclusionMask",
     "ForegroundMask",
     "NormalizeForeground",
+    "dilate_mm",
+    "resample_nearest",
     "SquarePad",
     "SliceStack25D",
     "ResizeSlices",
@@ -107,6 +110,51 @@ def gather_slice_stacks(vol: torch.Tensor, indices: torch.Tensor, k: int, axis: 
     g = v[:, idx]  # (C, N, 2k+1, H, W)
     c, n = g.shape[0], g.shape[1]
     return g.permute(1, 0, 2, 3, 4).reshape(n, c * (2 * k + 1), g.shape[3], g.shape[4])
+
+
+def dilate_mm(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """``mask`` (X, Y, Z) grown by ``margin_mm`` in every direction (Euclidean, in mm); a copy when the margin is 0."""
+    m = np.asarray(mask, dtype=bool)
+    if margin_mm <= 0 or not m.any():
+        return m.copy()
+    return ndi.distance_transform_edt(~m, sampling=np.asarray(spacing, dtype=np.float64)) <= float(margin_mm)
+
+
+def resample_nearest(src: np.ndarray, src_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    """``src`` (X, Y, Z) with voxel->world ``src_affine`` sampled at the voxel centres of the grid (``shape``,
+    ``affine``), nearest neighbour; points outside ``src`` get 0 (False). One slice at a time (CT-sized grids)."""
+    m = np.linalg.inv(np.asarray(src_affine, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64)
+    nx, ny, nz = (int(v) for v in shape)
+    out = np.zeros((nx, ny, nz), dtype=src.dtype)
+    ii, jj = np.meshgrid(np.arange(nx, dtype=np.float64), np.arange(ny, dtype=np.float64), indexing="ij")
+    base = m[:3, 0, None, None] * ii + m[:3, 1, None, None] * jj + m[:3, 3, None, None]  # (3, X, Y)
+    for z in range(nz):
+        idx = np.rint(base + m[:3, 2, None, None] * z).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < np.asarray(src.shape)[:, None, None]), axis=0)
+        out[:, :, z][ok] = src[idx[0][ok], idx[1][ok], idx[2][ok]]
+    return out
+
+
+class ExclusionMask(Transform):
+    """Binarise a mask of known abnormal voxels (any channel > 0) and grow it by ``margin_mm``.
+
+    Training must not learn a lesion as normal; a margin covers the lesion's fuzzy or unlabelled rim (automatic
+    and manual labels both tend to miss it). ``spacing`` (mm per axis) is that of the image grid.
+    """
+
+    def __init__(self, margin_mm: float = 5.0) -> None:
+        if margin_mm < 0:
+            raise ValueError(f"margin_mm must be >= 0, got {margin_mm}")
+        self.margin_mm = float(margin_mm)
+
+    def __call__(self, img: NdarrayOrTensor, spacing: Sequence[float] | None = None) -> NdarrayOrTensor:
+        """(C, X, Y, Z) -> (1, X, Y, Z) float32, 1 = excluded from training."""
+        m = _to_numpy(img)
+        if m.ndim != 4:
+            raise ValueError(f"expected a (C, X, Y, Z) mask, got shape {m.shape}")
+        sp = np.asarray(spacing if spacing is not None else voxel_spacing(img), dtype=np.float64)
+        out = dilate_mm(m.any(axis=0), sp, self.margin_mm)[None].astype(np.float32)
+        return _wrap(out, img)
 
 
 # ------------------------------------------------------------------------------------- foreground mask

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from copy import deepcopy
+from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Padd, Randomizable
 from monai.transforms.traits import MultiSampleTrait
 from monai.utils import MAX_SEED
@@ -15,6 +17,7 @@ from monai.utils import MAX_SEED
 from monai_dnprd.io.errors import VolumeError
 
 from .array import (
+    ExclusionMask,
     ForegroundMask,
     NormalizeForeground,
     ResizeSlices,
@@ -23,10 +26,13 @@ from .array import (
     SyntheticLesion,
     _to_torch,
     gather_slice_stacks,
+    resample_nearest,
     slice_foreground_fraction,
+    voxel_spacing,
 )
 
 __all__ = [
+    "ExclusionMaskd",
     "ForegroundMaskd",
     "NormalizeForegroundd",
     "SquarePadd",
@@ -101,6 +107,59 @@ class NormalizeForegroundd(MapTransform):
         return d
 
 
+class ExclusionMaskd(MapTransform):
+    """Known abnormal regions of a training volume, on its preprocessed grid, taken out of the foreground.
+
+    ``keys`` holds the path of a mask file (or DICOM series folder; its UID under ``<key>_series_uid``) of the
+    item's original image: any voxel > 0 is abnormal. Placed after the whole preprocessing chain, it maps the
+    mask onto the image's current grid by world coordinates (nearest neighbour, so reorientation, resampling,
+    cropping and padding need no extra step), grows it by ``margin_mm`` (``ExclusionMask``), stores it under the
+    key as a (1, X, Y, Z) float32 MetaTensor and removes it from ``mask_key``. The foreground then holds normal
+    tissue only, so the slice sampler, validation lesions, calibration and residual statistics ignore known
+    lesions; training reads the exclusion itself (``RandSlice25Dd(exclude_key=...)``) to leave their tokens out
+    of the loss. Items without the key pass unchanged.
+
+    Raises ``VolumeError`` when the mask has the image's shape but another affine (a header that does not
+    match, e.g. a mask saved without the image's affine), or when none of its voxels falls on the image.
+    """
+
+    def __init__(self, keys: KeysCollection = "exclude", image_key: str = "image", mask_key: str = "mask",
+                 margin_mm: float = 5.0, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.mask_key = mask_key
+        self.exclusion = ExclusionMask(margin_mm)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai_dnprd.io import read_volume
+
+        d = dict(data)
+        img = d[self.image_key]
+        for key in self.key_iterator(d):
+            if not isinstance(d[key], (str, Path)):
+                raise TypeError(f"{key} must be the path of a mask file or DICOM folder, got {type(d[key]).__name__}")
+            path = str(d[key])
+            vol = read_volume(path, d.get(f"{key}_series_uid") or None)
+            meta = getattr(img, "meta", {}) or {}
+            orig_shape = tuple(int(v) for v in np.asarray(meta.get("spatial_shape", ())).ravel())
+            orig_affine = meta.get("original_affine")
+            if (orig_affine is not None and tuple(vol.array.shape) == orig_shape
+                    and not np.allclose(vol.affine, np.asarray(orig_affine, dtype=np.float64), atol=1e-3)):
+                raise VolumeError(path, "the exclusion mask has the image's shape but another affine (its header "
+                                        "does not match the image's: save it with the image's affine)")
+            grid = resample_nearest(vol.array > 0, vol.affine, tuple(img.shape[1:]), _to_torch(img.affine).double().numpy())
+            if vol.array.any() and not grid.any():
+                raise VolumeError(path, "no voxel of the exclusion mask falls on the image (another subject or space?)")
+            ex = self.exclusion(grid[None], voxel_spacing(img))
+            out = MetaTensor(torch.as_tensor(ex))
+            out.copy_meta_from(img)
+            d[key] = out
+            if self.mask_key in d:
+                m = d[self.mask_key]
+                d[self.mask_key] = m * (1 - out.to(_to_torch(m).dtype))
+        return d
+
+
 class SquarePadd(Padd):
     """Dictionary ``SquarePad``: pads every key (image and mask together); ``Invertd`` undoes it."""
 
@@ -150,9 +209,11 @@ class RandSlice25Dd(Randomizable, MapTransform, MultiSampleTrait):
     Slice indices are drawn uniformly (with replacement) among slices whose mask covers at least
     ``min_foreground`` of the slice area (if none does, among the ``num_samples`` slices with the most
     foreground). Each sample holds, for every key, the stack (C*(2k+1), H, W) float32; the mask slice
-    (1, H, W) under ``mask_key``; the label slice under ``label_key`` when given; ``slice_index``; and a
-    copy of every non-tensor field of the input (e.g. ``name``). Volume-sized tensors of other keys are
-    dropped. Works with ``monai.data.PatchDataset`` or as the list-returning step of a ``Compose``.
+    (1, H, W) under ``mask_key``; the label slice under ``label_key`` when given; under ``exclude_key``,
+    when given, the exclusion of the whole stack (1, H, W) float32: 1 where any of the 2k+1 slices is
+    excluded, all zero for a volume without one (so that batches collate); ``slice_index``; and a copy of
+    every non-tensor field of the input (e.g. ``name``). Volume-sized tensors of other keys are dropped.
+    Works with ``monai.data.PatchDataset`` or as the list-returning step of a ``Compose``.
     """
 
     def __init__(
@@ -165,12 +226,14 @@ class RandSlice25Dd(Randomizable, MapTransform, MultiSampleTrait):
         num_samples: int = 4,
         min_foreground: float = 0.15,
         allow_missing_keys: bool = False,
+        exclude_key: str | None = None,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if num_samples < 1:
             raise ValueError("num_samples must be >= 1")
         self.mask_key = mask_key
         self.label_key = label_key
+        self.exclude_key = exclude_key
         self.k = int(k)
         self.axis = axis
         self.num_samples = int(num_samples)
@@ -216,7 +279,15 @@ class RandSlice25Dd(Randomizable, MapTransform, MultiSampleTrait):
             sl = gather_slice_stacks(vol, idx, 0, self.axis)  # (N, C, H, W)
             for i in range(self.num_samples):
                 out[i][key] = sl[i]
-        skip = set(keys) | {self.mask_key, self.label_key}
+        if self.exclude_key is not None:
+            if self.exclude_key in d:
+                ex = gather_slice_stacks(_to_torch(d[self.exclude_key]).to(torch.float32), idx, self.k, self.axis)
+                ex = ex.amax(1, keepdim=True)  # (N, 1, H, W): excluded if any slice of the stack is
+            else:
+                ex = first.new_zeros((self.num_samples, 1, *out[0][keys[0]].shape[-2:]), dtype=torch.float32)
+            for i in range(self.num_samples):
+                out[i][self.exclude_key] = ex[i]
+        skip = set(keys) | {self.mask_key, self.label_key, self.exclude_key}
         for k_, v in d.items():
             if k_ in skip or isinstance(v, (torch.Tensor, np.ndarray)):
                 continue
