@@ -138,18 +138,21 @@ class SliceDataset(TorchDataset):
 
     Item ``i`` draws one slice of volume ``i % n_volumes`` with ``slice_sampler`` (a ``RandSlice25Dd`` with
     ``num_samples=1``), then applies ``slice_transform``; an epoch visits every volume
-    ``samples_per_volume`` times, and a shuffling loader mixes volumes within each batch.
+    ``samples_per_volume`` times, and a shuffling loader mixes volumes within each batch. ``min_length``
+    (the batch size) keeps an epoch at least one full batch long: with few volumes, a loader that drops the
+    last incomplete batch would otherwise yield nothing, and training would end without a single step.
     """
 
     def __init__(self, volumes: TorchDataset, slice_sampler: Callable, slice_transform: Callable | None = None,
-                 samples_per_volume: int = 8) -> None:
+                 samples_per_volume: int = 8, min_length: int = 0) -> None:
         self.volumes = volumes
         self.slice_sampler = slice_sampler
         self.slice_transform = slice_transform
         self.samples_per_volume = int(samples_per_volume)
+        self.min_length = int(min_length)
 
     def __len__(self) -> int:
-        return len(self.volumes) * self.samples_per_volume
+        return max(len(self.volumes) * self.samples_per_volume, self.min_length)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.slice_sampler(self.volumes[index % len(self.volumes)])
@@ -189,9 +192,12 @@ def slice_dataset(
     slice_sampler: Callable,
     slice_transform: Callable | None = None,
     samples_per_volume: int = 8,
+    min_length: int = 0,
 ) -> SliceDataset:
-    """Training slices: volumes preprocessed once (kept in memory), then random 2.5D slices drawn from them."""
-    return SliceDataset(preprocess_volumes(volumes, preprocessing), slice_sampler, slice_transform, samples_per_volume)
+    """Training slices: volumes preprocessed once (kept in memory), then random 2.5D slices drawn from them;
+    at least ``min_length`` per epoch (``SliceDataset``)."""
+    return SliceDataset(preprocess_volumes(volumes, preprocessing), slice_sampler, slice_transform, samples_per_volume,
+                        min_length)
 
 
 def synthetic_validation_dataset(

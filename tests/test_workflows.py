@@ -134,3 +134,21 @@ def test_training_skips_bad_normal_volumes(tiny_data, tmp_path, capfd):
     captured = capfd.readouterr()
     skipped = [line for line in (captured.out + captured.err).splitlines() if "skipped training volume" in line]
     assert len(skipped) == 2 and any("broken.nii.gz" in m for m in skipped) and any("constant" in m for m in skipped)
+
+
+def test_training_on_one_volume_takes_every_step(tiny_data, tmp_path):
+    """One normal volume gives fewer slices per pass (samples_per_volume) than a batch holds; training must still
+    take each of its steps (a loader that drops incomplete batches used to yield nothing, and the run ended at
+    iteration 0 with an untrained model)."""
+    import shutil
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted(tiny_data["train"].glob("*.nii.gz"))[0], one)
+    out = tmp_path / "run"
+    assert TINY_MODEL["samples_per_volume"] < TINY_MODEL["batch_size"]
+    run_workflow("train.json", "training", output_dir=str(out), dataset_dir=str(one), val_dir=str(tiny_data["val"]),
+                 num_iterations=3, warmup_iterations=1, val_interval=2, **TINY_MODEL)
+    log = read_log(out / "training_log.jsonl")
+    assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3]
+    assert load_checkpoint(out / "models" / "checkpoint.pt")["trainer"]["iteration"] == 3
