@@ -152,3 +152,11 @@ def test_training_on_one_volume_takes_every_step(tiny_data, tmp_path):
     log = read_log(out / "training_log.jsonl")
     assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3]
     assert load_checkpoint(out / "models" / "checkpoint.pt")["trainer"]["iteration"] == 3
+
+
+def test_zero_iterations_is_a_clear_error(tiny_data, tmp_path):
+    """``--num_iterations 0`` used to end at once without a word and without any output."""
+    with pytest.raises(Exception) as err:
+        run_workflow("train.json", "training", output_dir=str(tmp_path / "run"), dataset_dir=str(tiny_data["train"]),
+                     val_dir=str(tiny_data["val"]), num_iterations=0, warmup_iterations=0, **TINY_MODEL)
+    assert "num_iterations must be at least 1" in root_message(err.value)

@@ -62,6 +62,9 @@ class DNPTrainer(SupervisedTrainer):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("decollate", False)  # DNPOutput is not a batch to decollate
+        if kwargs.get("epoch_length") is not None and int(kwargs["epoch_length"]) < 1:
+            raise ValueError(f"num_iterations must be at least 1, got {kwargs['epoch_length']} (nothing would be "
+                             "trained, exported or calibrated)")
         super().__init__(*args, **kwargs)
         if warmup_iterations > 0 and mim_head is None:
             raise ValueError("warmup_iterations > 0 needs a mim_head")
