@@ -151,6 +151,23 @@ def case_metrics(score: np.ndarray, label: np.ndarray, fg: np.ndarray) -> dict[s
             "slice_auroc": r["slice"]["auroc"], "slice_ap": r["slice"]["ap"], "aupro": r["voxel"]["aupro"]}
 
 
+def score_case(work: Path, image: Path | nib.Nifti1Image, seg: Path, ckpt: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score one whole case with a trained model: the case under ``work/test``, its label under ``work/labels``,
+    the bundle's evaluation into ``work/eval``. Returns the map, the label and the foreground (map > 0)."""
+    (work / "test").mkdir(parents=True)
+    (work / "labels").mkdir()
+    if isinstance(image, nib.Nifti1Image):
+        nib.save(image, str(work / "test" / "case.nii.gz"))
+    else:
+        shutil.copy(image, work / "test" / "case.nii.gz")
+    shutil.copy(seg, work / "labels" / "case.nii.gz")
+    run_bundle("evaluate.json", "evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
+               output_dir=str(work / "eval"), ckpt_path=str(ckpt), report="false")
+    model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
+    label = np.asarray(nib.load(str(work / "labels" / "case.nii.gz")).dataobj) > 0
+    return model_map, label, model_map > 0
+
+
 def own_case(work: Path, train_case: Path, gap: int = 2, sequences: tuple[str, ...] = ("fla",)) -> dict:
     """Score a direction's trained model on the whole volume of its own training case (a diagnostic).
 
@@ -161,16 +178,9 @@ def own_case(work: Path, train_case: Path, gap: int = 2, sequences: tuple[str, .
     """
     own = work / "own_case"
     shutil.rmtree(own, ignore_errors=True)
-    (own / "test").mkdir(parents=True)
-    (own / "labels").mkdir()
-    nib.save(case_volume(train_case, list(sequences)), str(own / "test" / "case.nii.gz"))
+    model_map, label, fg = score_case(own, case_volume(train_case, list(sequences)),
+                                      train_case / "fusion_simple_seg.nii.gz", work / "train" / "models" / "model.pt")
     shutil.copy(next(train_case.glob("*_fla_bet.nii.gz")), own / "flair.nii.gz")
-    shutil.copy(train_case / "fusion_simple_seg.nii.gz", own / "labels" / "case.nii.gz")
-    run_bundle("evaluate.json", "evaluating", input_dir=str(own / "test"), label_dir=str(own / "labels"),
-               output_dir=str(own / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"), report="false")
-    model_map = np.asarray(nib.load(str(own / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
-    label = np.asarray(nib.load(str(own / "labels" / "case.nii.gz")).dataobj) > 0
-    fg = model_map > 0
     zs = np.flatnonzero(label.any(axis=(0, 1)))
     levels = np.arange(label.shape[2])
     seen = ((levels < zs.min() - gap) | (levels > zs.max() + gap))[None, None, :]
@@ -214,15 +224,8 @@ def pooled(data: Path, out: Path, iterations: int, warmup: int, extra: dict) -> 
     results: dict = {"train_seconds": time.time() - t0}
     for case in cases:
         work = out / case.name
-        (work / "test").mkdir(parents=True)
-        (work / "labels").mkdir()
-        shutil.copy(next(case.glob("*_fla_bet.nii.gz")), work / "test" / "case.nii.gz")
-        shutil.copy(case / "fusion_simple_seg.nii.gz", work / "labels" / "case.nii.gz")
-        run_bundle("evaluate.json", "evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
-                   output_dir=str(work / "eval"), ckpt_path=str(out / "train" / "models" / "model.pt"), report="false")
-        model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
-        label = np.asarray(nib.load(str(work / "labels" / "case.nii.gz")).dataobj) > 0
-        fg = model_map > 0
+        model_map, label, fg = score_case(work, next(case.glob("*_fla_bet.nii.gz")), case / "fusion_simple_seg.nii.gz",
+                                          out / "train" / "models" / "model.pt")
         maps = {"dnp_conformer": model_map,
                 **baselines(work / "test" / "case.nii.gz", work / "labels" / "case.nii.gz", fg,
                             sorted((out / "normal").glob("*.nii.gz")))}
