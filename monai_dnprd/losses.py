@@ -11,26 +11,13 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover
     from .networks.dnp import DNPOutput
 
-__all__ = ["token_keep", "keep_like", "soft_mining_weights", "soft_mining_cosine_loss", "daa_loss", "orthogonality_loss", "DNPLoss"]
+__all__ = ["token_keep", "soft_mining_weights", "soft_mining_cosine_loss", "daa_loss", "orthogonality_loss", "DNPLoss"]
 
 
 def token_keep(exclude: Tensor, patch_size: int) -> Tensor:
     """(B, 1, H, W) exclusion of the input slices (> 0 = known lesion) -> (B, 1, H/p, W/p) float, 1 = a token
     with no excluded pixel, the only tokens that training learns from."""
     return (F.max_pool2d(exclude.float(), patch_size) <= 0).float()
-
-
-def keep_like(keep: Tensor | None, x: Tensor) -> Tensor | None:
-    """A token keep mask (B, 1, h, w) or (B, h*w) on the spatial grid of the map ``x`` (B, C, h, w), as x's dtype."""
-    if keep is None:
-        return None
-    b, _, h, w = x.shape
-    keep = keep.to(x.dtype)
-    if keep.dim() == 2:
-        keep = keep.reshape(b, 1, int(round(keep.shape[1] ** 0.5)), -1)
-    if keep.shape[-2:] != (h, w):
-        keep = F.interpolate(keep, size=(h, w), mode="nearest")
-    return keep
 
 
 @torch.no_grad()
@@ -58,15 +45,15 @@ def soft_mining_cosine_loss(targets: list[Tensor], recons: list[Tensor], gamma: 
                             keep: Tensor | None = None) -> Tensor:
     """Mean over groups/images of 1 - cos(flat target, flat recon); gradients soft-mined toward hard locations.
 
-    ``keep`` (B, 1, h, w) or (B, N), 1 = learn from this token: excluded tokens (known lesions) are zeroed in
-    both maps, so they enter neither the cosine nor its gradient.
+    ``keep`` (B, 1, h, w) on the maps' token grid (``token_keep``), 1 = learn from this token: excluded tokens
+    (known lesions) are zeroed in both maps, so they enter neither the cosine nor its gradient.
     """
     if len(targets) != len(recons) or not targets:
         raise ValueError(f"need the same non-zero number of targets and recons, got {len(targets)} and {len(recons)}")
     total = recons[0].new_zeros(())
     for a, b in zip(targets, recons):
         a = a.detach()
-        k = keep_like(keep, a)
+        k = None if keep is None else keep.to(a.dtype)
         b = _scale_grad(b, soft_mining_weights(a, b, gamma, keep=k))
         if k is not None:
             a, b = a * k, b * k
@@ -120,10 +107,10 @@ class DNPLoss(nn.Module):
     def forward(self, out: DNPOutput, keep: Tensor | None = None) -> dict[str, Tensor]:
         """Returns {"loss", "sm", "daa", "ortho"} (ortho is 0 when its weight is 0).
 
-        ``keep`` (B, N) or (B, 1, h, w) leaves the tokens of known lesions (0) out of L_sm and L_DAA.
+        ``keep`` (B, 1, h, w) leaves the tokens of known lesions (0) out of L_sm and L_DAA.
         """
         sm = soft_mining_cosine_loss(out.targets, out.recons, self.gamma, keep=keep)
-        daa = daa_loss(out.tokens, out.prototypes, keep=None if keep is None else keep.reshape(keep.shape[0], -1))
+        daa = daa_loss(out.tokens, out.prototypes, keep=None if keep is None else keep.flatten(1))
         ortho = orthogonality_loss(out.prototypes) if self.ortho_weight > 0 else sm.new_zeros(())
         loss = sm + self.daa_weight * daa + self.ortho_weight * ortho
         return {"loss": loss, "sm": sm, "daa": daa, "ortho": ortho}

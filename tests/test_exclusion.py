@@ -28,6 +28,16 @@ def test_dilate_mm_grows_by_the_margin_in_millimetres():
     assert grown[8, 10, 5] and grown[12, 10, 5] and not grown[7, 10, 5]  # 2 mm = 2 voxels in x
     assert grown[10, 10, 4] and grown[10, 10, 6] and not grown[10, 10, 3]  # 2 mm = 1 voxel in z
     assert np.array_equal(dilate_mm(m, (1.0, 1.0, 2.0), 0.0), m)
+    # computed only around the mask, it equals the transform of the whole volume (a blob at the border too)
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(0)
+    blob = np.zeros((30, 25, 20), bool)
+    blob[0:4, 10:14, 3:6] = True
+    blob[rng.integers(0, 30, 5), rng.integers(0, 25, 5), rng.integers(0, 20, 5)] = True
+    for sp, margin in (((1.0, 1.0, 1.0), 3.0), ((0.8, 1.2, 2.5), 4.0)):
+        whole = ndi.distance_transform_edt(~blob, sampling=sp) <= margin
+        assert np.array_equal(dilate_mm(blob, sp, margin), whole)
 
 
 def test_resample_nearest_follows_world_coordinates():

@@ -117,7 +117,12 @@ def dilate_mm(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> n
     m = np.asarray(mask, dtype=bool)
     if margin_mm <= 0 or not m.any():
         return m.copy()
-    return ndi.distance_transform_edt(~m, sampling=np.asarray(spacing, dtype=np.float64)) <= float(margin_mm)
+    sp = np.asarray(spacing, dtype=np.float64)
+    reach = np.ceil(float(margin_mm) / sp).astype(int) + 1  # voxels the margin can reach on each axis
+    box = tuple(slice(max(int(idx.min()) - r, 0), int(idx.max()) + r + 1) for idx, r in zip(np.nonzero(m), reach))
+    out = np.zeros_like(m)
+    out[box] = ndi.distance_transform_edt(~m[box], sampling=sp) <= float(margin_mm)  # only around the mask
+    return out
 
 
 def resample_nearest(src: np.ndarray, src_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
