@@ -13,7 +13,8 @@ the model's own decoder or map:
   (prototypes and L_DAA from tissue tokens only, not background), ``globalproto`` (one learned prototype set
   for all images);
 - the model's own decoder with other prototypes: ``model_fgproto`` (tissue tokens only), ``model_meanproto``
-  (the mean prototypes of the training slices for every image);
+  (the mean prototypes of the training slices for every image; ``model_geo_meanproto`` the same with the
+  default ``cosine_residual_z`` map);
 - the model's own decoder with another token distance: ``model`` (the cosine, a check of this script's
   scoring path: it reproduces the model's own figures), ``model_resz`` (``residual_z``), ``model_geo``
   (``cosine_residual_z``), ``model_uz`` (the z-scored residual of the unit vectors t/|t| - r/|r|); their
@@ -124,7 +125,7 @@ def softmax_forward(self, x: Tensor, prototypes: Tensor) -> Tensor:
 
 
 MAP_VARIANTS = {"model_resz": "residual_z", "model_geo": "cosine_residual_z", "model_uz": "residual_z",
-                "model_geo_cluster": "cosine_residual_z"}
+                "model_geo_cluster": "cosine_residual_z", "model_geo_meanproto": "cosine_residual_z"}
 
 
 def kmeans_directions(x: Tensor, k: int, iterations: int = 25, seed: int = 0) -> Tensor:
@@ -201,8 +202,9 @@ def fit_cache_residuals(side: DecoderSide, f: Tensor, targets: list[Tensor], gri
     return stats
 
 
-def make_variant(net: nn.Module, name: str) -> DecoderSide:
-    """A fresh (re-initialised) decoder side of ``net``'s shape, or the model's own for ``model``."""
+def make_variant(net: nn.Module, name: str, override: dict | None = None) -> DecoderSide:
+    """A fresh (re-initialised) decoder side of ``net``'s shape (constructor arguments changed by ``override``,
+    e.g. ``num_prototypes``, ``bottleneck_dropout``), or the model's own for ``model``."""
     from monai_dnprd.networks import DNPConFormer
 
     if name in ("model", "model_fgproto", "model_meanproto", *MAP_VARIANTS):
@@ -211,7 +213,7 @@ def make_variant(net: nn.Module, name: str) -> DecoderSide:
         side.metric = MAP_VARIANTS.get(name, "cosine")
         side.unit = name == "model_uz"
         return side
-    fresh = DNPConFormer(**net.config())
+    fresh = DNPConFormer(**{**net.config(), **(override or {})})
     side = DecoderSide(fresh)
     if name == "softmax":
         import types
@@ -221,7 +223,7 @@ def make_variant(net: nn.Module, name: str) -> DecoderSide:
             with torch.no_grad():
                 blk.scale.fill_(10.0)  # temperature 0.1 at the start: cosines of 0.9 vs 1.0 differ by e^1
     elif name == "globalproto":
-        side.fixed = nn.Parameter(torch.randn(1, net.num_prototypes, net.encoder.embed_dim))
+        side.fixed = nn.Parameter(torch.randn(1, fresh.num_prototypes, fresh.encoder.embed_dim))
     elif name == "fgproto":
         side.masked = True
     elif name == "std":
@@ -329,6 +331,10 @@ def main() -> None:
     ap.add_argument("--shrink", type=float, default=0.0, help="residual maps: shrink each channel's residual variance "
                     "toward the mean variance by this fraction (1 = plain RMS residual)")
     ap.add_argument("--clusters", type=int, default=8, help="model_geo_cluster: k-means groups of normal tokens")
+    ap.add_argument("--map_metric", default="cosine", choices=["cosine", "residual_z", "cosine_residual_z"],
+                    help="map distance of the retrained variants (their residual statistics come from the cache)")
+    ap.add_argument("--override", default="{}", help="JSON dict of DNPConFormer arguments for the retrained variants "
+                    "(decoder side only: e.g. '{\"num_prototypes\": 2}')")
     ap.add_argument("--out", default=None, help="output folder (default: a temporary one)")
     args = ap.parse_args()
 
@@ -346,15 +352,17 @@ def main() -> None:
     grid = tuple(targets[0].shape[-2:])
     results = {}
     for name in args.variants:
-        side = make_variant(network, name)
+        side = make_variant(network, name, json.loads(args.override))
         ff, tt = f, targets
-        if name == "model_geo_cluster":  # its own per-cluster statistics replace the global ones
-            side.clusters = ClusterResiduals.fit(side, f, targets, grid, args.clusters, args.seed)
-        elif side.metric != "cosine":
-            side.res_stats = fit_cache_residuals(side, f, targets, grid, args.shrink)
-        if name == "model_meanproto":
+        if name.endswith("meanproto"):  # set before any residual statistics are fitted through ``side``
             with torch.inference_mode():
                 side.fixed = torch.cat([side.extractor(part) for part in f.split(64)]).mean(0, keepdim=True).clone()
+        if not name.startswith("model"):
+            side.metric = args.map_metric
+        if name == "model_geo_cluster":  # its own per-cluster statistics replace the global ones
+            side.clusters = ClusterResiduals.fit(side, f, targets, grid, args.clusters, args.seed)
+        elif side.metric != "cosine" and name.startswith("model"):
+            side.res_stats = fit_cache_residuals(side, f, targets, grid, args.shrink)
         if name == "std":
             side.stats = (f.mean((0, 1)), f.std((0, 1)) + 1e-6,
                           [(t.mean((0, 2, 3)), t.std((0, 2, 3)) + 1e-6) for t in targets])
@@ -363,6 +371,8 @@ def main() -> None:
         losses = train_variant(side, ff, tt, grid, args.iterations, args.batch_size, args.seed,
                                valid if side.masked else None) if not name.startswith("model") else []
         train_s = time.time() - t0
+        if side.metric != "cosine" and not name.startswith("model"):
+            side.res_stats = fit_cache_residuals(side, ff, tt, grid, args.shrink)
         wf = _workflow(args.ckpt, out / name, inferer=variant_inferer(base, side), **data)
         wf.initialize()
         wf.run()
