@@ -28,8 +28,10 @@ the model's own decoder or map:
     python bench/decoder_probe.py --ckpt RUN/train/models/model.pt --bank RUN/normal \\
         --input_dir RUN/test --label_dir RUN/labels --variants model model_geo   # a bench/tcga_protocol.py run
 
-Writes OUT/<variant>/ (evaluation folders) and OUT/decoder_probe.json. A model trained with a residual map
-(``--map_metric``) is scored here with the map each variant names, from the statistics fitted here.
+Writes OUT/<variant>/ (evaluation folders) and OUT/decoder_probe.json. The ``model*`` variants use the map
+their name says (the training's own residual statistics are not used: they are fitted here on the cache); the
+retrained variants use this script's ``--map_metric`` (default ``cosine``), with residual statistics fitted
+on the cache after their training. ``--override`` changes constructor arguments of the retrained decoder side.
 """
 
 from __future__ import annotations
