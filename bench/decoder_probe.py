@@ -291,7 +291,7 @@ def train_variant(side: DecoderSide, f: Tensor, targets: list[Tensor], grid: tup
         loss["loss"].backward()
         torch.nn.utils.clip_grad_norm_(side.parameters(), 0.1)
         opt.step()
-        losses.append(float(loss["sm"]))
+        losses.append(float(loss["sm"].detach()))
     side.eval()
     return losses
 
