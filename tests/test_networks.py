@@ -400,3 +400,21 @@ def test_mim_loss_only_masked_patches():
     # patchify follows the encoder's row-major token order
     img = torch.arange(256.0).reshape(1, 1, 16, 16)
     assert torch.equal(patchify(img, 8)[0, 1], img[0, 0, :8, 8:].reshape(-1))
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_mim_loss_visible_weight_counts_visible_patches(weight):
+    torch.manual_seed(0)
+    enc = ViTEncoder(img_size=16, patch_size=8, in_channels=1, embed_dim=16, depth=1, num_heads=2)
+    head = MIMHead(16, 8, 1)
+    with torch.no_grad():  # predict 0 everywhere: the loss is a weighted mean |pixel| over the patches
+        head.proj.weight.zero_()
+        head.proj.bias.zero_()
+    x = torch.rand(1, 1, 16, 16)
+    mask = random_patch_mask(1, 4, 0.5, generator=torch.Generator().manual_seed(3)).float()
+    err = patchify(x, 8).abs().mean(-1)
+    expected = (err * (mask + weight * (1 - mask))).sum() / (2 + 2 * weight)
+    got = mim_loss(enc, head, x, 0.5, generator=torch.Generator().manual_seed(3), visible_weight=weight)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="visible_weight"):
+        mim_loss(enc, head, x, 0.5, visible_weight=-1.0)

@@ -46,6 +46,7 @@ class DNPTrainer(SupervisedTrainer):
         warmup_iterations: first iterations train only the encoder with masked-image modelling (``mim_head``).
         mim_head: the MIM prediction head (needed when ``warmup_iterations > 0``).
         mask_ratio: fraction of patches masked in the warm-up.
+        mim_visible_weight: weight of the visible patches in the warm-up loss (0: masked patches only).
         grad_clip: max gradient norm of the decoder-side parameters (paper: 0.1); <= 0 disables.
         precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA, with a gradient scaler).
     """
@@ -57,6 +58,7 @@ class DNPTrainer(SupervisedTrainer):
         warmup_iterations: int = 0,
         mim_head: torch.nn.Module | None = None,
         mask_ratio: float = 0.6,
+        mim_visible_weight: float = 0.0,
         grad_clip: float = 0.1,
         precision: str = "fp32",
         **kwargs: Any,
@@ -72,6 +74,7 @@ class DNPTrainer(SupervisedTrainer):
         self.warmup_iterations = int(warmup_iterations)
         self.mim_head = mim_head
         self.mask_ratio = float(mask_ratio)
+        self.mim_visible_weight = float(mim_visible_weight)
         self.grad_clip = float(grad_clip)
         self.precision = precision
         self.grad_scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -103,7 +106,8 @@ class DNPTrainer(SupervisedTrainer):
             if warmup:
                 engine.mim_head.train()
                 loss = mim_loss(net.encoder, engine.mim_head, images, mask_ratio=engine.mask_ratio,
-                                keep=None if keep is None else keep.flatten(1))
+                                keep=None if keep is None else keep.flatten(1),
+                                visible_weight=engine.mim_visible_weight)
                 stats["mim"] = float(loss.detach())
             else:
                 if it == engine.warmup_iterations + 1 and engine.warmup_iterations > 0:

@@ -53,11 +53,16 @@ def mim_loss(
     generator: torch.Generator | None = None,
     normalize_target: bool = False,
     keep: Tensor | None = None,
+    visible_weight: float = 0.0,
 ) -> Tensor:
-    """L1 between predicted and true pixels of randomly masked patches (masked patches only).
+    """L1 between predicted and true pixels of randomly masked patches (SimMIM: masked patches only).
 
+    ``visible_weight`` > 0 also asks the visible patches to be rebuilt, with that weight relative to a masked
+    one, so that each token keeps its own patch's content (intensity) besides its context.
     ``keep`` (B, N), 1 = a patch to learn from: patches of known lesions are left out of the loss.
     """
+    if visible_weight < 0:
+        raise ValueError(f"visible_weight must be >= 0, got {visible_weight}")
     b = x.shape[0]
     p = encoder.patch_size
     target = patchify(x, p)
@@ -70,6 +75,8 @@ def mim_loss(
         target = (target - mu) / (var + 1e-6).sqrt()
     err = (pred - target).abs().mean(-1)
     m = mask.to(err.dtype)
+    if visible_weight > 0:
+        m = m + visible_weight * (1.0 - m)
     if keep is not None:
         m = m * keep.reshape(m.shape).to(err.dtype)
     return (err * m).sum() / m.sum().clamp_min(1.0)
