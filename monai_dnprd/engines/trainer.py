@@ -89,6 +89,9 @@ class DNPTrainer(SupervisedTrainer):
             raise ValueError("Must provide batch data for current iteration.")
         images = batchdata[Keys.IMAGE] if isinstance(batchdata, dict) else batchdata
         images = torch.as_tensor(images).to(engine.state.device, non_blocking=engine.non_blocking).float()
+        clean = batchdata.get("clean") if isinstance(batchdata, dict) else None  # pseudo-anomaly training
+        if clean is not None:
+            clean = torch.as_tensor(clean).to(images.device, non_blocking=engine.non_blocking).float()
         net = engine._unwrapped()
         exclude = batchdata.get("exclude") if isinstance(batchdata, dict) else None
         keep = None  # tokens of known lesions (exclusion masks) are left out of every loss
@@ -105,7 +108,7 @@ class DNPTrainer(SupervisedTrainer):
         with autocast_context(engine.state.device, engine.precision):
             if warmup:
                 engine.mim_head.train()
-                loss = mim_loss(net.encoder, engine.mim_head, images, mask_ratio=engine.mask_ratio,
+                loss = mim_loss(net.encoder, engine.mim_head, images if clean is None else clean, mask_ratio=engine.mask_ratio,
                                 keep=None if keep is None else keep.flatten(1),
                                 visible_weight=engine.mim_visible_weight)
                 stats["mim"] = float(loss.detach())
@@ -113,7 +116,7 @@ class DNPTrainer(SupervisedTrainer):
                 if it == engine.warmup_iterations + 1 and engine.warmup_iterations > 0:
                     ema_update(net.teacher, net.encoder, beta=0.0)  # teacher starts from the warmed-up student
                 net.update_teacher()
-                out = engine.network(images)
+                out = engine.network(images) if clean is None else engine.network(images, clean)
                 engine.state.output[Keys.PRED] = out
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 losses = engine.loss_function(out) if keep is None else engine.loss_function(out, keep=keep)

@@ -242,8 +242,12 @@ class DNPConFormer(nn.Module):
         outs = outs[::-1]
         return [self._grouped(outs, g, grid) for g in self.groups]
 
-    def forward(self, x: Tensor) -> DNPOutput:
-        """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets."""
+    def forward(self, x: Tensor, teacher_x: Tensor | None = None) -> DNPOutput:
+        """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets.
+
+        ``teacher_x``: the teacher's input when it differs from the student's (the clean images of a denoising
+        DNP stage, where ``x`` carries pseudo-anomalies); ``x`` itself by default.
+        """
         hh, ww = x.shape[-2:]
         p = self.encoder.patch_size
         if hh % p or ww % p:
@@ -254,7 +258,7 @@ class DNPConFormer(nn.Module):
         prototypes = self.extractor(f)
         recons = self.reconstruct(f, prototypes, grid)
         with torch.no_grad():
-            tfeats = self.teacher(x, self.taps)
+            tfeats = self.teacher(x if teacher_x is None else teacher_x, self.taps)
             assignments = (F.normalize(f, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)).argmax(-1)
         targets = [self._grouped(tfeats, g, grid).detach() for g in self.groups]
         return DNPOutput(targets=targets, recons=recons, prototypes=prototypes, tokens=f, assignments=assignments)

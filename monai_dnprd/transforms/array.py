@@ -1,5 +1,5 @@
 """Array transforms: foreground mask, intensity normalisation, square padding, 2.5D slice stacks, slice
-resizing and synthetic lesions.
+resizing, synthetic lesions and training-time pseudo-anomalies.
 
 A volume is channel-first ``(C, X, Y, Z)`` (a MONAI ``MetaTensor`` whose ``.affine`` maps voxels to RAS
 world coordinates); masks are ``(1, X, Y, Z)``. Transforms return the same container type they receive
@@ -28,6 +28,7 @@ __all__ = [
     "SliceStack25D",
     "ResizeSlices",
     "SyntheticLesion",
+    "RandPseudoAnomaly",
     "voxel_spacing",
     "slice_foreground_fraction",
     "gather_slice_stacks",
@@ -669,3 +670,49 @@ class SyntheticLesion(Randomizable, Transform):
         sgn = np.where((sgn > 0) & ~up_ok & down_ok, -1.0, sgn)
         sgn = np.where((sgn < 0) & ~down_ok & up_ok, 1.0, sgn)
         return base + w[None] * mag[None] * sgn, core
+
+
+class RandPseudoAnomaly(Randomizable, Transform):
+    """Paste a soft-edged ellipse of the slice stack's own tissue, taken from another place and rescaled in
+    intensity, into a (C, H, W) slice stack; returns (corrupted, blob weight (1, H, W)).
+
+    For a denoising DNP stage: the student sees the corrupted stack, the teacher the clean one, so the decoder
+    learns to rebuild normal features where the input is not normal instead of copying whatever it sees.
+    Radii are fractions of the slice size, the blob lies in the foreground (centre slice > 0: the normalised
+    background is exactly 0), the same blob covers every channel, and with probability ``1 - prob`` the stack
+    comes back unchanged (a zero blob).
+    """
+
+    def __init__(self, prob: float = 0.5, radius: tuple[float, float] = (0.03, 0.15),
+                 scale: tuple[float, float] = (0.5, 2.0), edge: float = 0.3) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must lie in [0, 1], got {prob}")
+        if not 0 < radius[0] <= radius[1] or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"radius and scale must be increasing positive pairs, got {radius}, {scale}")
+        self.prob, self.radius, self.scale, self.edge = float(prob), tuple(radius), tuple(scale), float(edge)
+
+    def randomize(self, data: Any = None) -> None:
+        self._do = self.R.rand() < self.prob
+
+    def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _to_torch(img).float()
+        if randomize:
+            self.randomize()
+        h, w = x.shape[-2:]
+        blob = torch.zeros(1, h, w, dtype=x.dtype)
+        fg = torch.nonzero(x[x.shape[0] // 2] > 0)
+        if not self._do or fg.shape[0] < 2:
+            return x.clone(), blob
+        cy, cx = fg[self.R.randint(fg.shape[0])].tolist()
+        sy, sx = fg[self.R.randint(fg.shape[0])].tolist()
+        ry, rx = (self.R.uniform(*self.radius) * n for n in (h, w))
+        theta = self.R.uniform(0, np.pi)
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+        u = ((yy - cy) * np.cos(theta) + (xx - cx) * np.sin(theta)) / ry
+        v = (-(yy - cy) * np.sin(theta) + (xx - cx) * np.cos(theta)) / rx
+        r = (u.square() + v.square()).sqrt()
+        weight = ((1.0 + self.edge - r) / self.edge).clamp(0.0, 1.0)  # 1 inside, a linear rim of width `edge`
+        weight = weight * (x[x.shape[0] // 2] > 0).to(x.dtype)
+        source = torch.roll(x, shifts=(cy - sy, cx - sx), dims=(-2, -1)) * float(np.exp(self.R.uniform(*np.log(self.scale))))
+        blob = weight.unsqueeze(0)
+        return x * (1.0 - blob) + source * blob, blob

@@ -20,6 +20,7 @@ from .array import (
     ExclusionMask,
     ForegroundMask,
     NormalizeForeground,
+    RandPseudoAnomaly,
     ResizeSlices,
     SliceStack25D,
     SquarePad,
@@ -40,6 +41,7 @@ __all__ = [
     "ResizeSlicesd",
     "RandSlice25Dd",
     "SyntheticLesiond",
+    "RandPseudoAnomalyd",
 ]
 
 
@@ -343,4 +345,33 @@ class SyntheticLesiond(Randomizable, MapTransform):
                 label = les
         if label is not None:
             d[self.label_key] = label
+        return d
+
+
+class RandPseudoAnomalyd(Randomizable, MapTransform):
+    """Dictionary ``RandPseudoAnomaly`` for training slice stacks: keeps the clean stack under ``clean_key``
+    (the teacher's input) and puts the corrupted one under the key (the student's); always writes both, so
+    that batches collate whether or not a stack was corrupted."""
+
+    def __init__(self, keys: KeysCollection = "image", clean_key: str = "clean", prob: float = 0.5,
+                 radius: tuple[float, float] = (0.03, 0.15), scale: tuple[float, float] = (0.5, 2.0),
+                 allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        self.clean_key = clean_key
+        self.corrupter = RandPseudoAnomaly(prob, radius, scale)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandPseudoAnomalyd:
+        super().set_random_state(seed, state)
+        self.corrupter.set_random_state(seed, state)
+        return self
+
+    def randomize(self, data: Any = None) -> None:
+        self.corrupter.randomize()
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            clean = _to_torch(d[key]).float()
+            d[self.clean_key] = clean
+            d[key], _ = self.corrupter(clean)
         return d
