@@ -160,3 +160,22 @@ def test_zero_iterations_is_a_clear_error(tiny_data, tmp_path):
         run_workflow("train.json", "training", output_dir=str(tmp_path / "run"), dataset_dir=str(tiny_data["train"]),
                      val_dir=str(tiny_data["val"]), num_iterations=0, warmup_iterations=0, **TINY_MODEL)
     assert "num_iterations must be at least 1" in root_message(err.value)
+
+
+def test_mim_visible_weight_reaches_the_warm_up_loss(tiny_data, tmp_path, monkeypatch):
+    from monai_dnprd.engines import trainer as trainer_module
+
+    weights = []
+    real = trainer_module.mim_loss
+
+    def spy(*args, **kwargs):
+        weights.append(kwargs.get("visible_weight"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "mim_loss", spy)
+    run_workflow(
+        "train.json", "training", output_dir=str(tmp_path / "vw"), dataset_dir=str(tiny_data["train"]),
+        val_dir=str(tiny_data["val"]), num_iterations=3, warmup_iterations=2, val_interval=100, ckpt_interval=100,
+        mim_visible_weight=0.5, **TINY_MODEL,
+    )
+    assert weights == [0.5, 0.5]  # both warm-up steps, none after
