@@ -108,8 +108,8 @@ class DNPTrainer(SupervisedTrainer):
         with autocast_context(engine.state.device, engine.precision):
             if warmup:
                 engine.mim_head.train()
-                loss = mim_loss(net.encoder, engine.mim_head, images if clean is None else clean, mask_ratio=engine.mask_ratio,
-                                keep=None if keep is None else keep.flatten(1),
+                loss = mim_loss(net.encoder, engine.mim_head, images if clean is None else clean,
+                                mask_ratio=engine.mask_ratio, keep=None if keep is None else keep.flatten(1),
                                 visible_weight=engine.mim_visible_weight)
                 stats["mim"] = float(loss.detach())
             else:

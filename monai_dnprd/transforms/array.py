@@ -680,7 +680,7 @@ class RandPseudoAnomaly(Randomizable, Transform):
     learns to rebuild normal features where the input is not normal instead of copying whatever it sees.
     Radii are fractions of the slice size, the blob lies in the foreground (centre slice > 0: the normalised
     background is exactly 0), the same blob covers every channel, and with probability ``1 - prob`` the stack
-    comes back unchanged (a zero blob).
+    comes back unchanged (a zero blob). ``edge``: width of the blob's linear rim, as a fraction of its radius.
     """
 
     def __init__(self, prob: float = 0.5, radius: tuple[float, float] = (0.03, 0.15),
@@ -690,6 +690,7 @@ class RandPseudoAnomaly(Randomizable, Transform):
         if not 0 < radius[0] <= radius[1] or not 0 < scale[0] <= scale[1]:
             raise ValueError(f"radius and scale must be increasing positive pairs, got {radius}, {scale}")
         self.prob, self.radius, self.scale, self.edge = float(prob), tuple(radius), tuple(scale), float(edge)
+        self._do = False
 
     def randomize(self, data: Any = None) -> None:
         self._do = self.R.rand() < self.prob
