@@ -30,6 +30,16 @@ def test_pseudo_anomaly_changes_only_the_blob_inside_the_foreground():
         assert changed.any() and not changed[blob[0] == 0].any()  # nothing changes outside the blob
 
 
+def test_pseudo_anomaly_pastes_rescaled_tissue_of_the_same_stack():
+    x = torch.zeros(3, 64, 64)
+    x[:, 10:54, 8:56] = 0.5  # one tissue value: a pasted copy at scale 2 reads 1.0 (or 0 where it is background)
+    t = RandPseudoAnomaly(prob=1.0, scale=(2.0, 2.0)).set_random_state(1)
+    for _ in range(5):
+        y, blob = t(x)
+        core = y[:, blob[0] == 1]
+        assert core.numel() and ((core == 1.0) | (core == 0.0)).all() and (core == 1.0).any()
+
+
 def test_pseudo_anomaly_prob_zero_and_seeding():
     x = _stack()
     y, blob = RandPseudoAnomaly(prob=0.0)(x)

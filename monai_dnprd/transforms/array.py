@@ -687,8 +687,9 @@ class RandPseudoAnomaly(Randomizable, Transform):
                  scale: tuple[float, float] = (0.5, 2.0), edge: float = 0.3) -> None:
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must lie in [0, 1], got {prob}")
-        if not 0 < radius[0] <= radius[1] or not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"radius and scale must be increasing positive pairs, got {radius}, {scale}")
+        if not 0 < radius[0] <= radius[1] or not 0 < scale[0] <= scale[1] or edge <= 0:
+            raise ValueError(f"radius and scale must be increasing positive pairs and edge > 0, got {radius}, "
+                             f"{scale}, {edge}")
         self.prob, self.radius, self.scale, self.edge = float(prob), tuple(radius), tuple(scale), float(edge)
         self._do = False
 
@@ -701,7 +702,8 @@ class RandPseudoAnomaly(Randomizable, Transform):
             self.randomize()
         h, w = x.shape[-2:]
         blob = torch.zeros(1, h, w, dtype=x.dtype)
-        fg = torch.nonzero(x[x.shape[0] // 2] > 0)
+        inside = x[x.shape[0] // 2] > 0
+        fg = torch.nonzero(inside)
         if not self._do or fg.shape[0] < 2:
             return x.clone(), blob
         cy, cx = fg[self.R.randint(fg.shape[0])].tolist()
@@ -713,7 +715,7 @@ class RandPseudoAnomaly(Randomizable, Transform):
         v = (-(yy - cy) * np.sin(theta) + (xx - cx) * np.cos(theta)) / rx
         r = (u.square() + v.square()).sqrt()
         weight = ((1.0 + self.edge - r) / self.edge).clamp(0.0, 1.0)  # 1 inside, a linear rim of width `edge`
-        weight = weight * (x[x.shape[0] // 2] > 0).to(x.dtype)
-        source = torch.roll(x, shifts=(cy - sy, cx - sx), dims=(-2, -1)) * float(np.exp(self.R.uniform(*np.log(self.scale))))
-        blob = weight.unsqueeze(0)
+        blob = (weight * inside.to(x.dtype)).unsqueeze(0)
+        factor = float(np.exp(self.R.uniform(*np.log(self.scale))))  # log-uniform: as likely darker as brighter
+        source = torch.roll(x, shifts=(cy - sy, cx - sx), dims=(-2, -1)) * factor  # (sy, sx) lands on (cy, cx)
         return x * (1.0 - blob) + source * blob, blob

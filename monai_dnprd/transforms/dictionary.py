@@ -370,8 +370,9 @@ class RandPseudoAnomalyd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        self.randomize()
         for key in self.key_iterator(d):
             clean = _to_torch(d[key]).float()
             d[self.clean_key] = clean
-            d[key], _ = self.corrupter(clean)
+            d[key], _ = self.corrupter(clean, randomize=False)
         return d
