@@ -59,6 +59,14 @@ def test_pseudo_anomalyd_keeps_the_clean_stack_for_the_teacher():
     assert torch.equal(d["clean"], x) and torch.equal(d["image"], x)  # both keys always there: batches collate
 
 
+def test_pseudo_anomalyd_takes_one_key_and_passes_its_settings_on():
+    with pytest.raises(ValueError, match="one key"):
+        RandPseudoAnomalyd(keys=["image", "t2"])  # both clean copies would land under the one clean_key
+    with pytest.raises(ValueError, match="edge"):
+        RandPseudoAnomalyd(keys="image", edge=0.0)
+    assert RandPseudoAnomalyd(keys="image", edge=0.1).corrupter.edge == 0.1
+
+
 def test_teacher_reads_its_own_input():
     torch.manual_seed(0)
     net = DNPConFormer(img_size=32, patch_size=8, vit="tiny", depth=4, num_prototypes=3).eval()

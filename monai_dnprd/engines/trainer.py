@@ -108,6 +108,7 @@ class DNPTrainer(SupervisedTrainer):
         with autocast_context(engine.state.device, engine.precision):
             if warmup:
                 engine.mim_head.train()
+                # the warm-up learns normal tissue: from the clean stacks when the student's carry pseudo-anomalies
                 loss = mim_loss(net.encoder, engine.mim_head, images if clean is None else clean,
                                 mask_ratio=engine.mask_ratio, keep=None if keep is None else keep.flatten(1),
                                 visible_weight=engine.mim_visible_weight)
@@ -116,7 +117,7 @@ class DNPTrainer(SupervisedTrainer):
                 if it == engine.warmup_iterations + 1 and engine.warmup_iterations > 0:
                     ema_update(net.teacher, net.encoder, beta=0.0)  # teacher starts from the warmed-up student
                 net.update_teacher()
-                out = engine.network(images) if clean is None else engine.network(images, clean)
+                out = engine.network(images, clean)  # the teacher reads `clean` when given, else `images`
                 engine.state.output[Keys.PRED] = out
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 losses = engine.loss_function(out) if keep is None else engine.loss_function(out, keep=keep)

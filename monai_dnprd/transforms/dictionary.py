@@ -351,14 +351,16 @@ class SyntheticLesiond(Randomizable, MapTransform):
 class RandPseudoAnomalyd(Randomizable, MapTransform):
     """Dictionary ``RandPseudoAnomaly`` for training slice stacks: keeps the clean stack under ``clean_key``
     (the teacher's input) and puts the corrupted one under the key (the student's); always writes both, so
-    that batches collate whether or not a stack was corrupted."""
+    that batches collate whether or not a stack was corrupted. One key only: ``clean_key`` holds one stack."""
 
     def __init__(self, keys: KeysCollection = "image", clean_key: str = "clean", prob: float = 0.5,
                  radius: tuple[float, float] = (0.03, 0.15), scale: tuple[float, float] = (0.5, 2.0),
-                 allow_missing_keys: bool = False) -> None:
+                 edge: float = 0.3, allow_missing_keys: bool = False) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"RandPseudoAnomalyd takes one key (its clean copy goes to '{clean_key}'), got {self.keys}")
         self.clean_key = clean_key
-        self.corrupter = RandPseudoAnomaly(prob, radius, scale)
+        self.corrupter = RandPseudoAnomaly(prob, radius, scale, edge)
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandPseudoAnomalyd:
         super().set_random_state(seed, state)
