@@ -8,7 +8,7 @@ Usage:
   python bench/bench_inference.py --ckpt runs/demo/models/model.pt --volume ../shared/data/tcga_lgg/TCGA-DU-7294/TCGA-DU-7294_fla_bet.nii.gz
   python bench/bench_inference.py --ckpt ... --synthetic-ct 512,512,300    # a CT-sized volume made from the real CT
   python bench/bench_inference.py --ckpt A/model.pt B/model.pt C/model.pt --volume ...   # an ensemble of three
-Options: --device cpu|cuda, --precision fp32|bf16, --batch-size N, --repeat N (best of N reported), --flip-tta,
+Options: --device cpu|cuda, --precision fp32|bf16, --batch-size N, --repeat N (best of N reported),
 --polarity any|bright|dark (the map weighted by the intensity rank; the gate's time counts in
 "stack, z-smoothing, masking").
 """
@@ -53,22 +53,22 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--flip-tta", action="store_true", help="mirrored second pass per slice (test-time augmentation)")
     ap.add_argument("--polarity", default=None, choices=POLARITIES, help="override the model's polarity")
     args = ap.parse_args()
 
     from monai.bundle import ConfigParser
 
+    from monai_dnprd.config import workflow_configs
     from monai_dnprd.io import write_nifti
 
     tmp = Path(tempfile.mkdtemp())
     volume = Path(args.volume) if args.volume else ct_volume(tuple(int(v) for v in args.synthetic_ct.split(",")), tmp / "ct.nii.gz")
     device = torch.device(args.device)
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    parser.read_config(workflow_configs(REPO / "bundle", "inference"))
     parser.update({"ckpt_path": args.ckpt[0] if len(args.ckpt) == 1 else args.ckpt, "input_dir": str(volume.parent),
                    "output_dir": str(tmp / "out"), "batch_size": args.batch_size, "precision": args.precision,
-                   "device": args.device, "flip_tta": args.flip_tta, "polarity": args.polarity})
+                   "device": args.device, "polarity": args.polarity})
     params = parser.get_parsed_content("params")
     if "ct" in volume.name:
         parser["params"] = {**params, "modality": "ct"}
@@ -119,11 +119,15 @@ def main() -> None:
             best = t
     shape = tuple(int(s) for s in d["pred"].shape[1:])
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    if device.type == "cuda":
+        peak_gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3
     result = {"volume": volume.name, "shape": shape, "device": args.device, "precision": args.precision,
-              "flip_tta": args.flip_tta, "polarity": members[0].polarity, "threads": torch.get_num_threads(), "seconds": {k: round(v, 3) for k, v in best.items()},
+              "polarity": members[0].polarity, "threads": torch.get_num_threads(), "seconds": {k: round(v, 3) for k, v in best.items()},
               "peak_rss_gb": round(peak_gb, 2), "img_size": params["img_size"], "k": params["k"],
               "models": len(members), "slices": n_slices,
               "slices_per_s_network": round(len(members) * n_slices / max(best["network+slice maps"], 1e-9), 1)}
+    if device.type == "cuda":
+        result["peak_gpu_gb"] = round(peak_gpu_gb, 2)
     print(json.dumps(result, indent=1))
 
 

@@ -1,6 +1,6 @@
 """Memory benchmark of inference: does the process RSS stay flat over many volumes?
 
-Runs the bundle's inference workflow in this process (``ConfigWorkflow`` of bundle/configs/inference.json) over
+Runs the bundle's inference workflow in this process (``ConfigWorkflow`` of bundle/configs/common.json + inference.json) over
 N generated small volumes (the demo brains downsampled, with varied intensity, shape and affine) and records
 the resident set size (VmRSS from /proc/self/status) after each volume. Prints first / last / max RSS and the
 slope of a least-squares line over the volumes after the warm-up, and exits with status 1 when the RSS grows by
@@ -66,7 +66,11 @@ def make_volumes(folder: Path, n: int, step: int, seed: int = 0) -> None:
 def run_workflow(config: str, run_id: str, hook=None, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=str(BUNDLE / "configs" / config), meta_file=str(BUNDLE / "configs" / "metadata.json"),
+    from monai_dnprd.config import workflow_configs
+
+    files = workflow_configs(BUNDLE, run_id)
+    assert Path(files[-1]).name == config, f"{config} is not the config of workflow {run_id}"
+    wf = ConfigWorkflow(config_file=files, meta_file=str(BUNDLE / "configs" / "metadata.json"),
                         logging_file=str(BUNDLE / "configs" / "logging.conf"), workflow_type=None, run_id=run_id,
                         bundle_root=str(BUNDLE), **overrides)
     wf.initialize()
@@ -86,8 +90,9 @@ def train_tiny(work: Path, step: int) -> Path:
         arr, aff = downsampled(name, step)
         nib.save(nib.Nifti1Image(arr, aff), str((val if i == len(BRAINS) - 1 else train) / name))
     run_workflow("train.json", "training", output_dir=str(work / "model"), dataset_dir=str(train), val_dir=str(val),
-                 num_iterations=4, warmup_iterations=2, val_interval=4, ckpt_interval=4, img_size=32, patch_size=8, depth=2,
-                 batch_size=4, samples_per_volume=2, num_workers=0, log_interval=10)
+                 num_iterations=4, warmup_iterations=2, img_size=32, batch_size=4, num_workers=0,
+                 **{"schedule#val_interval": 4, "schedule#ckpt_interval": 4, "schedule#log_interval": 10,
+                    "network_def#patch_size": 8, "network_def#depth": 2, "data#samples_per_volume": 2})
     return work / "model" / "models" / "model.pt"
 
 

@@ -27,6 +27,7 @@ def main() -> None:
     from monai.bundle import ConfigParser
 
     from monai_dnprd.checkpoint import load_model
+    from monai_dnprd.config import workflow_configs
     from monai_dnprd.inferer import DNPVolumeInferer
     from monai_dnprd.metrics import roc_auc
 
@@ -34,12 +35,12 @@ def main() -> None:
     net, info = load_model(args.ckpt, device)
     p = info["preprocessing"]
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundle" / "configs" / "inference.json"))
+    parser.read_config(workflow_configs(REPO / "bundle", "inference"))
     parser.update({"ckpt_path": args.ckpt, "input_dir": str(Path(args.volume).parent)})
     d = parser.get_parsed_content("preprocessing")({"image": args.volume, "name": "v"})
     maps, times = {}, {}
     for precision in ("fp32", "bf16"):
-        inferer = DNPVolumeInferer(p["img_size"], p["k"], sigma=p["sigma"], z_sigma=p["z_sigma"], precision=precision)
+        inferer = DNPVolumeInferer(p["img_size"], p["k"], z_sigma=p["z_sigma"], precision=precision)
         inferer(d["image"], net, mask=d["mask"])  # warm-up
         t0 = time.perf_counter()
         maps[precision] = torch.as_tensor(inferer(d["image"], net, mask=d["mask"])).numpy()

@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 
 _TRAIN_CONFIG = Path(__file__).resolve().parents[1] / "bundle" / "configs" / "train.json"
-_MODEL_KEYS = ("img_size", "patch_size", "vit", "depth", "batch_size")
-
-
 def _default_preset() -> dict:
     """The model keys of the bundle's training config, so the benchmark follows the shipped defaults."""
     cfg = json.loads(_TRAIN_CONFIG.read_text())
-    return {k: cfg[k] for k in _MODEL_KEYS}
+    net = cfg["network_def"]
+    return {"img_size": cfg["img_size"], "batch_size": cfg["batch_size"], "patch_size": net["patch_size"],
+            "vit": net["vit"], "depth": net["depth"]}
 
 
 PRESETS = {
@@ -34,31 +33,31 @@ PRESETS = {
 
 def bench(preset: str, device: torch.device, precision: str, batch_size: int | None, steps: int) -> dict:
     from monai_dnprd.engines.schedule import build_optimizer
-    from monai_dnprd.engines.trainer import autocast_context
+    from monai_dnprd.config import autocast_context
     from monai_dnprd.losses import DNPLoss
-    from monai_dnprd.networks import DNPConFormer, MIMHead, mim_loss
+    from monai_dnprd.networks import DNPConFormer, mim_loss, random_checkerboard_mask
 
     p = dict(PRESETS[preset])
     bs = batch_size or p.pop("batch_size")
     p.pop("batch_size", None)
     net = DNPConFormer(in_channels=3, **p).to(device)
-    head = MIMHead(net.encoder.embed_dim, p["patch_size"], 3).to(device)
-    opt, _ = build_optimizer(net, head, num_iterations=100, warmup_iterations=0)
+    opt, _ = build_optimizer(net, num_iterations=100, warmup_iterations=0)
     loss_fn = DNPLoss()
     x = torch.rand(bs, 3, p["img_size"], p["img_size"], device=device)
 
     def dnp_step() -> None:
         opt.zero_grad(set_to_none=True)
         net.update_teacher()
+        hide = random_checkerboard_mask(bs, net.grid_size, net.mask_block, device)  # context-only, as in training
         with autocast_context(device, precision):
-            loss = loss_fn(net(x))["loss"]
+            loss = loss_fn(net(x, mask=hide))["loss"]
         loss.backward()
         opt.step()
 
     def mim_step() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast_context(device, precision):
-            loss = mim_loss(net.encoder, head, x)
+            loss = mim_loss(net.encoder, net.pixel_head, x)
         loss.backward()
         opt.step()
 

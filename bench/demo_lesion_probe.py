@@ -105,7 +105,9 @@ def main() -> None:
                                    first_seed=args.seed, lesion_seed=args.lesion_seed,
                                    radius_mm=tuple(args.radius) if args.radius else demo.LESION_RADIUS_MM)
     configs = REPO / "bundle" / "configs"
-    wf = ConfigWorkflow(config_file=str(configs / "evaluate.json"), workflow_type=None, run_id="evaluating",
+    from monai_dnprd.config import workflow_configs
+
+    wf = ConfigWorkflow(config_file=workflow_configs(REPO / "bundle", "evaluating"), workflow_type=None, run_id="evaluating",
                         meta_file=str(configs / "metadata.json"), logging_file=str(configs / "logging.conf"),
                         bundle_root=str(REPO / "bundle"), ckpt_path=args.ckpt, input_dir=str(images),
                         label_dir=str(labels), output_dir=str(out / "eval"), report="false")

@@ -1,7 +1,7 @@
 """How much does the demo result depend on the seed? Train and evaluate the demo once per seed, then summarise.
 
 With two normal training subjects, one run says little: the same configuration lands anywhere from chance to
-17x chance voxel AP depending on the seed (docs/benchmarks.md). This script is the measurement behind the
+17x chance voxel AP depending on the seed (docs/research_log.md). This script is the measurement behind the
 seed figures in the README: for each seed it runs the bundle's training workflow on the embedded demo data
 (with optional extra overrides), then its evaluation workflow on the demo test set, and prints one row per seed
 plus the spread.
@@ -30,16 +30,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from monai_dnprd.config import workflow_configs
 from monai_dnprd.engines.evaluator import axial_axis
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("hyper", "texture", "hypo", "deform")
 
 
-def _bundle(command: str, config: str, **overrides: object) -> None:
+def _bundle(command: str, **overrides: object) -> None:
     """Run ``python -m monai.bundle run <command>`` as a subprocess (one clean process per run, as a user would)."""
     args = [sys.executable, "-m", "monai.bundle", "run", command,
-            "--config_file", str(REPO / "bundle" / "configs" / config), "--bundle_root", str(REPO / "bundle")]
+            "--config_file", str(workflow_configs(REPO / "bundle", command)), "--bundle_root", str(REPO / "bundle")]
     for key, value in overrides.items():
         args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
     subprocess.run(args, check=True, cwd=REPO)
@@ -114,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds = None
         if args.force or not (run_dir / "evaluation" / "metrics.json").is_file():
             start = time.perf_counter()
-            _bundle("training", "train.json", output_dir=str(run_dir), seed=seed, **extra)
+            _bundle("training", output_dir=str(run_dir), seed=seed, **extra)
             train_seconds = time.perf_counter() - start
-            _bundle("evaluating", "evaluate.json", ckpt_path=str(run_dir / "models" / "model.pt"),
+            _bundle("evaluating", ckpt_path=str(run_dir / "models" / "model.pt"),
                     output_dir=str(run_dir / "evaluation"))
         rows[seed] = summarise_seed(run_dir, train_seconds)
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in rows[seed].items() if v is not None), flush=True)

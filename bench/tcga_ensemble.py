@@ -6,7 +6,7 @@ averaged) on the runs' common test case, and prints the members' own results (th
 protocol) next to the ensemble's. ``--own_case`` does the same on the runs' common training case (the whole
 volume, tumour included), after ``bench/tcga_protocol.py --own_case`` scored the members there.
 
-Usage: python bench/tcga_ensemble.py RUN_DIR [RUN_DIR ...] [--own_case] [--out OUT] [--extra '{"flip_tta": true}']
+Usage: python bench/tcga_ensemble.py RUN_DIR [RUN_DIR ...] [--own_case] [--out OUT] [--extra '{"z_sigma": 2.0}']
        (RUN_DIR: one direction of a protocol run, e.g. runs/bench_tcga/TCGA-DU-7294-TCGA-FG-6692)
 """
 

@@ -66,9 +66,12 @@ def slabs(flair: Path | nib.Nifti1Image, seg: Path, out_dir: Path, gap: int = 2,
 
 
 def run_bundle(config: str, run_id: str, **overrides) -> None:
+    """Run one bundle workflow (``run_id``: training / evaluating) in this process with ``overrides``."""
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=str(REPO / "bundle" / "configs" / config), workflow_type=None, run_id=run_id,
+    from monai_dnprd.config import workflow_configs
+
+    wf = ConfigWorkflow(config_file=workflow_configs(REPO / "bundle", run_id), workflow_type=None, run_id=run_id,
                         meta_file=str(REPO / "bundle" / "configs" / "metadata.json"),
                         logging_file=str(REPO / "bundle" / "configs" / "logging.conf"), bundle_root=str(REPO / "bundle"),
                         **overrides)
@@ -94,7 +97,7 @@ def intensity_surprisal(xn: np.ndarray, normal_values: np.ndarray, bins: int = 6
 def slice_standardised(score: np.ndarray, fg: np.ndarray, axis: int = 2) -> np.ndarray:
     """One-sided robust z-score of a map per axial slice: (m - median) / (median - 25th percentile).
 
-    Analysis only (attempt 3 of docs/benchmarks.md): removes a slice-wide offset of the map, e.g. from anatomy
+    Analysis only (attempts 2-3 in docs/research_log.md): removes a slice-wide offset of the map, e.g. from anatomy
     levels that the normal training slabs never showed, keeping focal deviations.
     """
     out = np.zeros_like(score, dtype=np.float32)
@@ -112,7 +115,7 @@ def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: lis
               model_map: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Score maps of the baselines on the test volume (original grid), and the optional combined score.
 
-    ``dnp_x_intensity_surprisal`` (attempt 2 of docs/benchmarks.md) multiplies the model's map by the intensity
+    ``dnp_x_intensity_surprisal`` (attempts 2-3 in docs/research_log.md) multiplies the model's map by the intensity
     surprisal under the normal training intensities: both must be high for a high score.
     """
     x = np.asarray(nib.load(str(test_flair)).dataobj, dtype=np.float32)
@@ -251,6 +254,8 @@ def main() -> None:
     ap.add_argument("--sequences", nargs="+", default=["fla"],
                     help="sequences given to the model, stacked as the channels of 4D inputs (e.g. fla t2); "
                          "the baselines always use the FLAIR")
+    ap.add_argument("--reevaluate", action="store_true",
+                    help="reuse the trained models under --out: run the evaluation again (new maps), then the metrics")
     ap.add_argument("--own_case", action="store_true",
                     help="score each trained model under --out on its own training case (no training, a diagnostic)")
     ap.add_argument("--exclusion", action="store_true",
@@ -288,7 +293,12 @@ def main() -> None:
                   f"{res['top2_share_at_training_levels']:.0%} at training levels", flush=True)
             continue
         test_dir, label_dir = work / "test", work / "labels"
-        if args.rescore:
+        if args.rescore or args.reevaluate:
+            if args.reevaluate:
+                shutil.rmtree(work / "eval", ignore_errors=True)
+                run_bundle("evaluate.json", "evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
+                           output_dir=str(work / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"),
+                           report="false")
             if not (work / "eval" / "case.nii.gz").is_file():
                 print(f"{tag}: no map under {work} to rescore, skipped", flush=True)
                 continue

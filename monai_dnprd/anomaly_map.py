@@ -1,21 +1,35 @@
-"""Anomaly maps from teacher/decoder features, Gaussian smoothing, top-q% scores and collapse monitors."""
+"""The anomaly map: ``AnomalyMapper`` turns 2.5D slice stacks into maps; Gaussian smoothing, scores and monitors.
+
+``AnomalyMapper`` is the one owner of the map: it holds the trained DNP-ConFormer, the map's distance and that
+distance's statistics on normal tissue (buffers, fitted after training by ``calibration.fit_map_statistics``).
+Inference, validation, calibration, the notebooks and the exported TorchScript model all call it.
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monai_dnprd.networks.dnp import DNPConFormer, DNPOutput
+
+MAP_METRICS = ("cosine", "cosine_residual_z", "feature_pixel")
 
 __all__ = [
+    "AnomalyMapper",
+    "MAP_METRICS",
     "gaussian_kernel1d",
     "gaussian_blur1d",
     "gaussian_blur2d",
     "upsample_blur_matrix",
     "upsample_blur",
-    "slice_anomaly_map",
+    "pixel_error",
+    "feature_map",
     "POLARITIES",
     "check_polarity",
     "intensity_rank",
@@ -118,42 +132,44 @@ def token_distance(target: Tensor, recon: Tensor, metric: str = "cosine",
     """Per-token distance between teacher features and their reconstruction, (B, C, h, w) -> (B, h, w).
 
     ``cosine``: 1 - channel cosine (the paper's map; blind to errors along the token's own direction).
-    ``residual_z``: ``residual_zscore`` with the group's normal (mean, std). ``cosine_residual_z``: the geometric
-    mean of the two, high only where the direction is off *and* the residual is large for normal tissue.
+    ``cosine_residual_z``: the geometric mean of that cosine and the residual's ``residual_zscore`` against the
+    group's normal (mean, std): high only where the direction is off *and* the residual is large for normal tissue.
     """
     if metric == "cosine":
         return 1.0 - F.cosine_similarity(target.float(), recon.float(), dim=1)
-    if metric not in ("residual_z", "cosine_residual_z"):
+    if metric != "cosine_residual_z":
         raise ValueError(f"unknown map metric {metric!r}")
     if residual_stats is None:
         raise ValueError(f"map metric {metric!r} needs residual statistics")
     z = residual_zscore(target, recon, *residual_stats)
-    if metric == "residual_z":
-        return z
     cos = 1.0 - F.cosine_similarity(target.float(), recon.float(), dim=1)
     return (cos.clamp_min(0.0) * z).sqrt()
 
 
-def slice_anomaly_map(
+def feature_map(
     targets: Sequence[Tensor],
     recons: Sequence[Tensor],
-    out_size: tuple[int, int],
-    sigma: float = 4.0,
     metric: str = "cosine",
     residual_stats: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
-    """Per group ``token_distance``, bilinear upsample, mean over groups, blur -> (B, 1, H, W).
-
-    ``residual_stats`` holds one (mean, std) pair per group for the metrics that need it. The mean over groups
-    is taken on the token grid (upsampling is linear, so the order does not matter).
-    """
+    """Mean over feature groups of ``token_distance`` on the token grid: (B, h, w)."""
     if len(targets) != len(recons) or not targets:
         raise ValueError("need the same non-zero number of targets and recons")
     if residual_stats is not None and len(residual_stats) != len(targets):
         raise ValueError(f"{len(residual_stats)} residual statistics for {len(targets)} feature groups")
     stats = residual_stats if residual_stats is not None else [None] * len(targets)
-    d = torch.stack([token_distance(a, b, metric, st) for a, b, st in zip(targets, recons, stats)])
-    return upsample_blur(d.mean(0), tuple(out_size), sigma).unsqueeze(1)
+    return torch.stack([token_distance(a, b, metric, st) for a, b, st in zip(targets, recons, stats)]).mean(0)
+
+
+def pixel_error(pixels: Tensor, pixel_targets: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
+    """Absolute error of the predicted patches, mean over the input channels that hold tissue at each pixel:
+    (B, N, p*p*C) x 2 -> (B, h*p, w*p) (0 on background)."""
+    from monai_dnprd.networks.mim import unpatchify
+
+    x = unpatchify(pixel_targets.float(), patch_size, grid)
+    err = unpatchify((pixels.float() - pixel_targets.float()).abs(), patch_size, grid)
+    fg = (x > 0).to(err.dtype)
+    return (err * fg).sum(1) / fg.sum(1).clamp_min(1.0)
 
 
 POLARITIES = ("any", "bright", "dark")
@@ -311,3 +327,109 @@ def group_feature_spread(features: Sequence[Tensor]) -> Tensor:
     offset per channel (or per group) does not count as spread.
     """
     return feature_spread(torch.cat(list(features), 1))
+
+
+class AnomalyMapper(nn.Module):
+    """(B, C, S, S) 2.5D slice stacks -> (B, 1, S, S) anomaly maps, blurred with ``sigma`` pixels.
+
+    ``metric``: ``feature_pixel`` (default) is the geometric mean of the positive z-scores of two context-only
+    errors, high only where both differ from what the surrounding normal tissue predicts: the feature map
+    (``cosine_residual_z``: the paper's cosine distance between teacher features and their reconstruction,
+    times the residual's per-channel z-score) upsampled to the pixel grid, and the pixel head's absolute error
+    on the hidden patches. ``cosine`` is the paper's map; ``cosine_residual_z`` the feature part alone.
+    Statistics of normal tissue live in buffers: per group and channel, the residual's mean and std
+    (``residual_moments``); the mean and std of the feature map and the pixel error over normal foreground
+    pixels (``map_moments``).
+    """
+
+    def __init__(self, network: DNPConFormer, metric: str = "feature_pixel", sigma: float = 2.0) -> None:
+        super().__init__()
+        if metric not in MAP_METRICS:
+            raise ValueError(f"unknown map metric {metric!r}; choose one of {list(MAP_METRICS)}")
+        if sigma < 0:
+            raise ValueError(f"map sigma must be >= 0 pixels, got {sigma}")
+        self.network = network
+        self.metric = metric
+        self.sigma = float(sigma)
+        groups, dim = len(network.groups), network.encoder.embed_dim
+        self.register_buffer("residual_moments", torch.stack([torch.zeros(groups, dim), torch.ones(groups, dim)]))
+        self.register_buffer("map_moments", torch.stack([torch.zeros(2), torch.ones(2)]))
+        self.register_buffer("fitted_tokens", torch.zeros((), dtype=torch.long))
+        # the resampling matrices of the network's own input size, made once (a stable graph for TorchScript)
+        (sh, sw), (gh, gw) = network.encoder.img_size, network.grid_size
+        for name, (n_in, n_out, sig) in {"_up_h": (gh, sh, 0.0), "_up_w": (gw, sw, 0.0),
+                                         "_blur_h": (sh, sh, self.sigma), "_blur_w": (sw, sw, self.sigma)}.items():
+            self.register_buffer(name, upsample_blur_matrix(n_in, n_out, sig), persistent=False)
+
+    # ------------------------------------------------------------------------------------------- config
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (the network's as a dict) to rebuild this mapper before loading its state dict."""
+        return {"network": self.network.config(), "metric": self.metric, "sigma": self.sigma}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> AnomalyMapper:
+        """A mapper with fresh weights built from ``config()``; load the state dict afterwards."""
+        from monai_dnprd.networks.dnp import DNPConFormer
+
+        net_cfg = dict(config["network"], pretrained=None)  # the state dict holds the weights
+        return cls(DNPConFormer(**net_cfg), metric=config.get("metric", "feature_pixel"), sigma=config.get("sigma", 2.0))
+
+    # ------------------------------------------------------------------------------------------- statistics
+    def needs_statistics(self) -> bool:
+        """True when the map uses statistics of normal tissue (every metric but the paper's ``cosine``)."""
+        return self.metric != "cosine"
+
+    def residual_stats(self) -> list[tuple[Tensor, Tensor]]:
+        """(mean, std) of the normal residual teacher - reconstruction per feature group."""
+        return [(self.residual_moments[0, g], self.residual_moments[1, g]) for g in range(self.residual_moments.shape[1])]
+
+    @torch.no_grad()
+    def set_residual_stats(self, stats: Sequence[tuple[Tensor, Tensor]], n_tokens: int) -> None:
+        """Store fitted residual statistics (one (mean, std) pair per feature group)."""
+        if len(stats) != self.residual_moments.shape[1]:
+            raise ValueError(f"{len(stats)} residual statistics for {self.residual_moments.shape[1]} feature groups")
+        for g, (mean, std) in enumerate(stats):
+            self.residual_moments[0, g].copy_(mean)
+            self.residual_moments[1, g].copy_(std)
+        self.fitted_tokens.fill_(int(n_tokens))
+
+    @torch.no_grad()
+    def set_map_moments(self, mean: Tensor, std: Tensor) -> None:
+        """Store the (feature, pixel) means and stds of the two parts of ``feature_pixel`` on normal tissue."""
+        self.map_moments.copy_(torch.stack([torch.as_tensor(mean), torch.as_tensor(std)]).float())
+
+    # ------------------------------------------------------------------------------------------- the map
+    def parts(self, out: DNPOutput) -> tuple[Tensor, Tensor | None]:
+        """The unblurred feature map and pixel error on the pixel grid, (B, S, S) each (pixel error None for the
+        feature-only metrics): what ``feature_pixel`` combines and what its statistics are fitted on."""
+        h, w = out.targets[0].shape[-2:]
+        p = self.network.encoder.patch_size
+        metric = "cosine_residual_z" if self.metric == "feature_pixel" else self.metric
+        stats = None if metric == "cosine" else self.residual_stats()
+        f = feature_map(out.targets, out.recons, metric, stats)
+        if (h, w) == tuple(self.network.grid_size):
+            f = self._up_h @ f @ self._up_w.T
+        else:
+            f = upsample_blur(f, (h * p, w * p), 0.0)
+        if self.metric != "feature_pixel":
+            return f, None
+        return f, pixel_error(out.pixels, out.pixel_targets, p, (h, w))
+
+    def combine(self, feature: Tensor, pixel: Tensor | None) -> Tensor:
+        """The unblurred map (B, S, S) from ``parts``."""
+        if pixel is None:
+            return feature
+        zf = ((feature - self.map_moments[0, 0]) / self.map_moments[1, 0]).clamp_min(0.0)
+        zp = ((pixel - self.map_moments[0, 1]) / self.map_moments[1, 1]).clamp_min(0.0)
+        return (zf * zp).sqrt()
+
+    def map_from(self, out: DNPOutput) -> Tensor:
+        """(B, 1, S, S) blurred anomaly maps from one network output."""
+        m = self.combine(*self.parts(out))
+        if tuple(m.shape[-2:]) == tuple(self.network.encoder.img_size):
+            return (self._blur_h @ m @ self._blur_w.T).unsqueeze(1)
+        return upsample_blur(m, tuple(m.shape[-2:]), self.sigma).unsqueeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, S, S) slice stacks, S = the network's input size -> (B, 1, S, S) anomaly maps."""
+        return self.map_from(self.network(x))

@@ -1,7 +1,7 @@
 """Statistics of normal data that the maps and thresholds rely on: residual moments and normal-score calibration.
 
-``fit_residual_stats`` measures, on normal training slices, the mean and std of each feature channel's
-reconstruction residual; the ``residual_z`` map expresses a token's residual in those units.
+``fit_map_statistics`` measures, on normal training slices, what the anomaly map is scaled by: the mean and
+std of each feature channel's reconstruction residual, and of the map's two parts (``AnomalyMapper``).
 
 After training, the model's voxel scores (inside the foreground) and volume scores on held-out NORMAL volumes
 are summarised. A voxel threshold for a false-positive rate ``fpr`` is the (1 - fpr) quantile of the normal
@@ -16,28 +16,18 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-__all__ = ["Calibration", "QUANTILE_LEVELS", "calibrate", "calibrate_folder", "fit_residual_stats", "residual_fit_slices"]
+__all__ = ["Calibration", "QUANTILE_LEVELS", "calibrate", "calibrate_folder", "calibration_for", "fit_map_statistics", "residual_fit_slices"]
 
 logger = logging.getLogger("monai_dnprd")
 
 # dense in the upper tail, where thresholds for small false-positive rates live
 QUANTILE_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 1001), 1.0 - np.logspace(-7, -1, 301)]))
-
-
-def _norm_ppf(p: float) -> float:
-    """Inverse standard normal CDF (bisection on erf; no SciPy needed at inference)."""
-    lo, hi = -10.0, 10.0
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 class Calibration:
@@ -80,7 +70,8 @@ class Calibration:
         """Volume score threshold for a false-positive rate ``fpr`` on normal volumes (Gaussian model)."""
         if not 0.0 < fpr < 1.0:
             raise ValueError(f"fpr must lie in (0, 1), got {fpr}")
-        return self.volume_mean + _norm_ppf(1.0 - fpr) * self.volume_std
+        # z(1 - fpr) = -z(fpr): the lower tail keeps full precision for tiny fpr, where 1 - fpr rounds to 1
+        return self.volume_mean - NormalDist().inv_cdf(fpr) * self.volume_std
 
     def normalised_score(self, score: float) -> float:
         """Volume score mapped to [0, 1]: Gaussian CDF under the normal-volume score distribution."""
@@ -154,11 +145,25 @@ def calibrate_folder(
         raise VolumeError(str(folder), f"--calibration_dir: {err.reason}") from None
     for problem in problems:
         logger.warning("calibration: skipped %s", problem)
-    cal = calibrate(iter_preprocessed(found, preprocessing, "calibration", progress=True), network, inferer, score_q)
+    cal = calibrate(iter_preprocessed(found, preprocessing, "calibration", progress=True, desc="calibration"),
+                    network, inferer, score_q)
     out = cal.save(path)
     logger.info("calibration on %d normal volume(s) of %s: voxel threshold at FPR 1%%: %.4f -> %s",
                 cal.volume_scores.size, folder, cal.voxel_threshold(0.01), out)
     return out
+
+
+def calibration_for(models: Sequence, folder: str | Path | None, preprocessing: Callable, network: torch.nn.Module,
+                    inferer: Callable, out_path: str | Path, z_sigma: float | None = None,
+                    polarity: str | None = None) -> str | None:
+    """The calibration file inference uses: made now on the normal volumes of ``folder`` (``--calibration_dir``),
+    else the single model's own from training (``ensemble.member_calibration_path``; None for an ensemble)."""
+    if folder not in (None, "", "None", "null"):
+        score_q = models[0][1]["preprocessing"]["score_q"]
+        return str(calibrate_folder(folder, preprocessing, network, inferer, score_q, Path(out_path) / "calibration.json"))
+    from monai_dnprd.ensemble import member_calibration_path
+
+    return member_calibration_path(models, z_sigma, polarity)
 
 
 def residual_fit_slices(masks: Sequence[torch.Tensor], max_slices: int, min_foreground: float = 0.15) -> list[tuple[int, int]]:
@@ -176,8 +181,8 @@ def residual_fit_slices(masks: Sequence[torch.Tensor], max_slices: int, min_fore
 
 
 @torch.no_grad()
-def fit_residual_stats(
-    network: torch.nn.Module,
+def fit_map_statistics(
+    mapper: torch.nn.Module,
     volumes: Sequence[dict],
     k: int,
     img_size: int,
@@ -185,27 +190,35 @@ def fit_residual_stats(
     min_foreground: float = 0.15,
     batch_size: int = 32,
 ) -> int:
-    """Fit and store the ``residual_z`` map's per-channel residual mean/std on normal training slices.
+    """Fit and store the map's statistics of normal tissue (``AnomalyMapper`` buffers) on normal training slices.
 
-    ``volumes`` are preprocessed items (``image`` (C, X, Y, Z), ``mask``); every token of the chosen slices
-    counts, as in training, except those that touch an item's ``exclude`` region (known lesions). The network
-    is run in eval mode and its mode restored. Returns the token count.
+    First the per-channel residual mean/std of every feature group (all tokens of the chosen slices, except
+    those that touch an item's ``exclude`` region: known lesions); then, for ``feature_pixel``, the mean/std of
+    the feature map and of the pixel error over the foreground pixels of the same slices. ``volumes`` are
+    preprocessed items (``image`` (C, X, Y, Z), ``mask``). The mapper runs in eval mode and its mode is
+    restored. Returns the token count (0 for the ``cosine`` map, which needs no statistics).
     """
     from monai_dnprd.anomaly_map import ResidualMoments
     from monai_dnprd.losses import token_keep
+    from monai_dnprd.progress import progress
     from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
-    net = network.module if hasattr(network, "module") else network
+    if not mapper.needs_statistics():
+        return 0
     pairs = residual_fit_slices([d["mask"] for d in volumes], max_slices, min_foreground)
     if not pairs:
-        raise ValueError(f"no slice with at least {min_foreground:.0%} foreground to fit residual statistics on")
-    device = next(net.parameters()).device
+        raise ValueError(f"no slice with at least {min_foreground:.0%} foreground to fit the map's statistics on")
+    net = mapper.network
+    device = next(mapper.parameters()).device
     resize = ResizeSlices(img_size)
     moments = ResidualMoments()
-    was_training = net.training
-    net.eval()
+    two_parts = mapper.metric == "feature_pixel"
+    cached: list[tuple[object, torch.Tensor]] = []  # network outputs and their foreground, for the second stage
+    was_training = mapper.training
+    mapper.eval()
     try:
-        for v in sorted({v for v, _ in pairs}):
+        fit_volumes = sorted({v for v, _ in pairs})
+        for v in progress(fit_volumes, "fitting the map's normal statistics", unit="vol"):
             vol = torch.as_tensor(volumes[v]["image"]).float()
             ex = volumes[v].get("exclude")
             idx = torch.tensor([z for vv, z in pairs if vv == v])
@@ -214,9 +227,29 @@ def fit_residual_stats(
                 keep = None
                 if ex is not None:
                     stack = gather_slice_stacks(torch.as_tensor(ex).float(), chunk, k).amax(1, keepdim=True)
-                    keep = token_keep(resize(stack), net.encoder.patch_size)
+                    keep = token_keep(resize(stack), net.encoder.patch_size).to(device)
                 moments.update([t.float() for t in out.targets], [r.float() for r in out.recons], keep=keep)
-        net.set_residual_stats(moments.stats(), moments.n)
+                if two_parts:
+                    fg = resize(gather_slice_stacks(torch.as_tensor(volumes[v]["mask"]).float(), chunk, 0))[:, 0] > 0.5
+                    fg = fg.to(device)
+                    if keep is not None:
+                        fg &= F.interpolate(keep, size=fg.shape[-2:], mode="nearest")[:, 0].bool()
+                    slim = type(out)(targets=out.targets, recons=out.recons, prototypes=out.prototypes[:0],
+                                     tokens=out.tokens[:0], assignments=out.assignments[:0], pixels=out.pixels,
+                                     pixel_targets=out.pixel_targets)  # what ``parts`` reads, nothing more
+                    cached.append((slim, fg))
+        mapper.set_residual_stats(moments.stats(), moments.n)
+        if two_parts:
+            sums = torch.zeros(2, 3, dtype=torch.float64)  # per part: count, sum, sum of squares
+            for out, fg in cached:
+                for i, part in enumerate(mapper.parts(out)):
+                    vals = part[fg].double().cpu()
+                    sums[i] += torch.stack([torch.tensor(float(vals.numel()), dtype=torch.float64), vals.sum(),
+                                            vals.square().sum()])
+            n = sums[:, 0].clamp_min(2.0)
+            mean = sums[:, 1] / n
+            std = ((sums[:, 2] - n * mean.square()) / (n - 1)).clamp_min(1e-12).sqrt()
+            mapper.set_map_moments(mean, std)
     finally:
-        net.train(was_training)
+        mapper.train(was_training)
     return moments.n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["setup_logging", "resolve_device", "as_bool", "input_channels", "validation_lesion_kinds", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
+__all__ = ["setup_logging", "resolve_device", "autocast_context", "workflow_configs", "WORKFLOW_CONFIGS", "as_bool", "input_channels", "validation_lesion_kinds", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,21 @@ MONAI_RUN_ARGS = frozenset(
     {"config_file", "meta_file", "logging_file", "bundle_root", "args_file", "run_id", "init_id", "final_id",
      "tracking", "workflow_type", "workflow_name", "properties_path"}
 )
+
+
+# the config files each workflow merges, in order (MONAI's config-file list): the shared part first
+WORKFLOW_CONFIGS = {
+    "training": ("common.json", "train.json"),
+    "inference": ("common.json", "inference.json"),
+    "evaluating": ("common.json", "inference.json", "evaluate.json"),
+}
+
+
+def workflow_configs(bundle_dir: str | Path, workflow: str) -> list[str]:
+    """The config files of ``workflow`` ("training", "inference" or "evaluating") under ``bundle_dir/configs``."""
+    if workflow not in WORKFLOW_CONFIGS:
+        raise ValueError(f"unknown workflow {workflow!r}; choose one of {', '.join(WORKFLOW_CONFIGS)}")
+    return [str(Path(bundle_dir) / "configs" / name) for name in WORKFLOW_CONFIGS[workflow]]
 
 
 class UnknownOverrideError(ValueError):
@@ -35,6 +51,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     return dev
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``precision`` in {"fp32", "bf16", "fp16"}; fp16 only on CUDA, bf16 on CPU or CUDA."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def as_bool(value: Any) -> bool:
@@ -109,7 +137,7 @@ def _config_files(argv: Sequence[str]) -> list[Path]:
 
 
 def check_cli_overrides(argv: Sequence[str] | None = None, extra_keys: Sequence[str] = ()) -> bool:
-    """Refuse command-line overrides that match no top-level key of the config file(s).
+    """Refuse command-line overrides that match no key of the config file(s) (``section#option`` ids included).
 
     ``python -m monai.bundle run`` accepts any ``--key value`` and silently adds unknown keys, so a typo such
     as ``--num_iteration 10`` would train with the default. Called from the configs' ``initialize`` list, this
@@ -119,19 +147,48 @@ def check_cli_overrides(argv: Sequence[str] | None = None, extra_keys: Sequence[
     is_bundle_cli = bool(argv) and Path(argv[0]).as_posix().endswith("monai/bundle/__main__.py")
     if not is_bundle_cli or "run" not in argv[1:2]:
         return True  # not the monai.bundle CLI (e.g. in-process ConfigWorkflow): nothing to check
-    known: set[str] = set(MONAI_RUN_ARGS) | set(extra_keys)
+    known: set[str] = set(MONAI_RUN_ARGS) | {"debug"} | set(extra_keys)  # --debug: full tracebacks (errors.py)
+    merged: dict[str, Any] = {}  # the config files merged as MONAI merges them (``a#b`` keys set nested ids)
     for f in _config_files(argv):
         try:
-            known |= set(json.loads(Path(f).read_text()).keys())
+            content = json.loads(Path(f).read_text())
         except (OSError, ValueError):
             return True  # monai.bundle reports unreadable config files itself
-    unknown = sorted({k for k in _cli_keys(argv) if k.split("#", 1)[0] not in known})
+        known |= set(content.keys())
+        for k, v in content.items():
+            *parents, last = k.split("#")
+            node = merged
+            for part in parents:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node[last] = v
+    unknown = sorted({k for k in _cli_keys(argv) if k.split("#", 1)[0] not in known or not _known_id(merged, k)})
     if unknown:
         public = sorted(k for k in known if not k.startswith("_") and k not in MONAI_RUN_ARGS and k.islower())
+        sections = sorted({k.split("#", 1)[0] for k in unknown if "#" in k})
+        nested = [f"{s}#{key}" for s in sections if isinstance(merged.get(s), dict) for key, v in merged[s].items()
+                  if not key.startswith("_") and not isinstance(v, (dict, list))
+                  and not (isinstance(v, str) and v.startswith(("$", "@", "%")))]  # plain settings only
         raise UnknownOverrideError(
             f"unknown option(s) {', '.join('--' + k for k in unknown)}; options of this config: "
-            + ", ".join("--" + k for k in public)
+            + ", ".join("--" + k for k in public + nested)
         )
+    return True
+
+
+def _known_id(config: dict[str, Any], key: str) -> bool:
+    """Whether the override id ``key`` (``section#option``) names an entry of ``config``: each part must exist,
+    except below a component (a dict with ``_target_``), where any constructor argument may be added."""
+    if "#" not in key or key.split("#", 1)[0] not in config:
+        return True  # top-level keys are checked by name; run arguments are not config ids
+    node: Any = config
+    for part in key.split("#"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return isinstance(node, dict) and "_target_" in node
     return True
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from monai.data import Dataset
 from torch.utils.data import Dataset as TorchDataset
 
-from monai_dnprd.io import VolumeError, find_volume_error, find_volumes
+from monai_dnprd.cache import PreprocessedCache, resolve_cache
+from monai_dnprd.io import VolumeError, find_volume_error, find_volumes, ignored_summary, scan_volumes
+from monai_dnprd.progress import Progress
 
 __all__ = [
     "SafeDataset",
@@ -92,6 +94,12 @@ def labelled_datalist(input_dir: str | Path, label_dir: str | Path | None = None
     A missing label is an error of the whole run (evaluation without a label would silently drop a case).
     """
     items, problems = find_volumes(input_dir)
+    return _attach_labels(items, problems, label_dir)
+
+
+def _attach_labels(items: list[dict], problems: list[VolumeError], label_dir: str | Path | None
+                   ) -> tuple[list[dict], list[VolumeError]]:
+    """Give each found volume its ``label`` from ``label_dir`` (see ``labelled_datalist``); problems of both folders."""
     if label_dir is None:
         return items, problems
     labels, label_problems = find_volumes(label_dir)
@@ -160,30 +168,81 @@ class SliceDataset(TorchDataset):
         return self.slice_transform(sample) if self.slice_transform is not None else sample
 
 
+CacheSetting = Union[bool, str, Path, PreprocessedCache, None]
+
+
+class _PreprocessItems(TorchDataset):
+    """Volume ``i`` preprocessed, through the on-disk cache when there is one: ``(item, status)`` with status
+    "cached", "preprocessed" or "failed" (then ``item`` is ``SafeDataset``'s error record). Never raises, so
+    that it can run in DataLoader worker processes."""
+
+    def __init__(self, volumes: Sequence[dict], preprocessing: Callable, cache: PreprocessedCache | None) -> None:
+        self.volumes = volumes
+        self.preprocessing = preprocessing
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def _compute(self, item: Mapping) -> dict:
+        return SafeDataset([dict(item)], transform=self.preprocessing)[0]
+
+    def __getitem__(self, index: int) -> tuple[dict, str]:
+        item = self.volumes[index]
+        if self.cache is None:
+            out, hit = self._compute(item), False
+        else:
+            out, hit = self.cache.get(item, self._compute)
+        return out, "failed" if out.get("error") else ("cached" if hit else "preprocessed")
+
+
 def iter_preprocessed(volumes: Sequence[dict], preprocessing: Callable, what: str = "training",
-                      progress: bool = False) -> Iterator[dict]:
-    """Preprocess the volumes one at a time, skipping (and logging, one line each) those that fail; raises
-    ``VolumeError`` at the end if none was usable. ``progress`` logs one line per volume as it starts."""
+                      progress: bool = True, cache: CacheSetting = None, cache_settings: Mapping | None = None,
+                      num_workers: int = 0, desc: str | None = None) -> Iterator[dict]:
+    """Preprocess the volumes one at a time, in order, skipping (and logging, one line each) those that fail;
+    raises ``VolumeError`` at the end if none was usable.
+
+    Outputs come from the on-disk cache when it holds them (``monai_dnprd.cache``: ``cache`` None -> the default
+    folder, False -> none, or a folder; ``cache_settings`` join its key), else are computed and stored. With
+    ``num_workers`` > 0 they are computed in that many worker processes (not when all are cached). ``progress``
+    reports the step (``monai_dnprd.progress``: a bar on a terminal, log lines elsewhere) as ``desc`` with
+    cached/preprocessed counts; the consumer's work on each volume counts in its rate and ETA.
+    """
+    store = resolve_cache(cache, preprocessing, cache_settings)
+    source = _PreprocessItems(volumes, preprocessing, store)
+    use_workers = int(num_workers) > 0 and len(volumes) > 1
+    if use_workers and store is not None and all(store.has(d) for d in volumes):
+        use_workers = False  # only loading to do: workers would add start-up and copying, nothing else
+    if use_workers:
+        from torch.utils.data import DataLoader
+
+        results: Iterable[tuple[dict, str]] = DataLoader(source, batch_size=1, shuffle=False, collate_fn=first_item,
+                                                         num_workers=min(int(num_workers), len(volumes)))
+    else:
+        results = (source[i] for i in range(len(source)))
     n_ok = 0
-    for i, item in enumerate(volumes):
-        d = SafeDataset([item], transform=preprocessing)[0]
-        if d.get("error"):
-            logger.warning("skipped %s volume %s: %s", what, d.get("image"), d["error"])
-            continue
-        if progress:
-            logger.info("%s [%d/%d] %s", what, i + 1, len(volumes), d.get("name", d.get("image")))
-        n_ok += 1
-        yield d
+    with Progress(desc or f"{what} volumes", len(volumes), "vol", enabled=progress) as bar:
+        for d, status in results:
+            if status == "failed":
+                logger.warning("skipped %s volume %s: %s", what, d.get("image"), d["error"])
+                bar.update(failed=1)
+                continue
+            n_ok += 1
+            yield d
+            bar.update(**{status: 1})
     if not n_ok:
         raise VolumeError(str(volumes[0]["image"]) if volumes else "-", f"no usable {what} volume ({len(volumes)} failed)")
 
 
-def preprocess_volumes(volumes: Sequence[dict], preprocessing: Callable, what: str = "training") -> list[dict]:
-    """Preprocess every volume once and keep them all (``iter_preprocessed``).
+def preprocess_volumes(volumes: Sequence[dict], preprocessing: Callable, what: str = "training",
+                       cache: CacheSetting = None, cache_settings: Mapping | None = None, num_workers: int = 0,
+                       desc: str | None = None) -> list[dict]:
+    """Preprocess every volume once and keep them all (``iter_preprocessed``, with its cache and workers).
 
     A bad file in a folder of normal volumes must not stop training; if no volume is usable, that is an error.
     """
-    return list(iter_preprocessed(volumes, preprocessing, what))
+    return list(iter_preprocessed(volumes, preprocessing, what, cache=cache, cache_settings=cache_settings,
+                                  num_workers=num_workers, desc=desc))
 
 
 def slice_dataset(
@@ -193,19 +252,28 @@ def slice_dataset(
     slice_transform: Callable | None = None,
     samples_per_volume: int = 8,
     min_length: int = 0,
+    cache: CacheSetting = None,
+    cache_settings: Mapping | None = None,
+    num_workers: int = 0,
 ) -> SliceDataset:
-    """Training slices: volumes preprocessed once (kept in memory), then random 2.5D slices drawn from them;
-    at least ``min_length`` per epoch (``SliceDataset``)."""
-    return SliceDataset(preprocess_volumes(volumes, preprocessing), slice_sampler, slice_transform, samples_per_volume,
-                        min_length)
+    """Training slices: volumes preprocessed once (from the on-disk cache when it holds them, see
+    ``iter_preprocessed``; kept in memory), then random 2.5D slices drawn from them; at least ``min_length``
+    per epoch (``SliceDataset``)."""
+    kept = preprocess_volumes(volumes, preprocessing, "training", cache, cache_settings, num_workers,
+                              desc="preprocessing training volumes")
+    return SliceDataset(kept, slice_sampler, slice_transform, samples_per_volume, min_length)
 
 
 def synthetic_validation_dataset(
-    volumes: Sequence[dict], preprocessing: Callable, lesion_transform: Callable, seed: int = 12345
+    volumes: Sequence[dict], preprocessing: Callable, lesion_transform: Callable, seed: int = 12345,
+    cache: CacheSetting = None, cache_settings: Mapping | None = None, num_workers: int = 0,
 ) -> list[dict]:
-    """Preprocessed normal volumes with synthetic lesions inserted, fixed once by ``seed`` (same every validation)."""
+    """Preprocessed normal volumes (cached like the training ones, see ``iter_preprocessed``) with synthetic
+    lesions inserted, fixed once by ``seed`` (same every validation)."""
     out = []
-    for i, d in enumerate(preprocess_volumes(volumes, preprocessing, what="validation")):
+    preprocessed = iter_preprocessed(volumes, preprocessing, "validation", cache=cache, cache_settings=cache_settings,
+                                     num_workers=num_workers, desc="building the validation set")
+    for i, d in enumerate(preprocessed):
         if hasattr(lesion_transform, "set_random_state"):
             lesion_transform.set_random_state(seed + i)
         out.append(lesion_transform(d))
@@ -250,10 +318,15 @@ def inference_datalist(input_dir: str | Path, output_dir: str | Path | None = No
                        label_dir: str | Path | None = None) -> list[dict]:
     """Volumes to process under ``input_dir`` (with labels from ``label_dir`` when given).
 
-    Files that could not even be inspected become error records (reported like any failed volume). With
-    ``skip_existing``, volumes finished by an earlier run in ``output_dir`` are left out (rerun after a kill).
+    Files that could not even be inspected become error records (reported like any failed volume); the log
+    says how many volumes were found and how many other files were ignored. With ``skip_existing``, volumes
+    finished by an earlier run in ``output_dir`` are left out (rerun after a kill).
     """
-    items, problems = labelled_datalist(input_dir, label_dir)
+    scan = scan_volumes(input_dir)
+    unreadable = f", {len(scan.problems)} path(s) could not be inspected" if scan.problems else ""
+    logger.info("%d volume%s found in %s, %s%s", len(scan.volumes), "" if len(scan.volumes) == 1 else "s", input_dir,
+                ignored_summary(scan.ignored), unreadable)
+    items, problems = _attach_labels(scan.volumes, scan.problems, label_dir)
     if output_dir is not None:
         remove_stale_temp_files(output_dir)
     if skip_existing and output_dir is not None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank", "world_size", "init_from_env", "average_gradients", "broadcast_parameters",
+__all__ = ["is_distributed", "rank", "world_size", "init_from_env", "device_name", "average_gradients", "broadcast_parameters",
            "rank_zero_first", "shard", "barrier", "local_device", "destroy"]
 
 
@@ -42,6 +42,11 @@ def local_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def device_name(initialised: bool) -> str:
+    """The bundle's ``device`` under torchrun: this rank's device once ``init_from_env`` ran, else "auto"."""
+    return str(local_device()) if initialised else "auto"
 
 
 def barrier() -> None:

@@ -1,14 +1,14 @@
 """Ensembles of trained models: every member's map put on its own normal scale, then averaged.
 
 Models trained from scratch on little normal data differ a lot from one training run to the next, and what
-one run finds is hard to predict (docs/benchmarks.md, TCGA attempt 6); the average of several runs' maps is
+one run finds is hard to predict (docs/research_log.md); the average of several runs' maps is
 steadier. Raw maps of two models are on different scales, so each member's map is first divided by the 99th
 percentile of its normal voxel scores, from the calibration its training made on held-out normal volumes: 1
 then means "as anomalous as the 1-in-100 normal voxel" for every member. The ensemble map is the mean of these
 (0 outside the foreground, like every map). A single checkpoint is used as it is: raw map, own calibration.
 
 (Centring on the normal median as well, ``(map - q50) / (q99 - q50)``, ranks voxels the same to within 0.005
-voxel AP on the four TCGA ensembles of docs/benchmarks.md, but makes values negative inside the foreground.)
+voxel AP on four TCGA ensembles (docs/research_log.md), but makes values negative inside the foreground.)
 
 The ensemble's thresholds need a calibration of the ensemble itself; members' calibrations do not give one.
 Inference makes it with ``--calibration_dir`` (normal volumes that no member trained on).
@@ -117,28 +117,25 @@ def ensemble_network(models: Sequence[Model]) -> torch.nn.Module:
 def volume_inferer(
     models: Sequence[Model],
     batch_size: int = 32,
-    sigma: float | None = None,
     z_sigma: float | None = None,
     precision: str = "fp32",
-    flip: bool = False,
     polarity: str | None = None,
 ) -> Inferer:
     """A ``DNPVolumeInferer`` per model, with its own input size, slice neighbours, smoothing and polarity
-    (``sigma``, ``z_sigma`` and ``polarity`` override those of every model when given; ``flip`` mirrors each
-    slice as test-time augmentation); an ``EnsembleInferer`` over them if several."""
+    (``z_sigma`` and ``polarity`` override those of every model when given); an ``EnsembleInferer`` over them
+    if several."""
     inferers = []
     for _, ckpt in models:
         p = ckpt["preprocessing"]
         inferers.append(DNPVolumeInferer(
             img_size=p["img_size"], k=p["k"], batch_size=batch_size,
-            sigma=p["sigma"] if sigma is None else sigma,
             z_sigma=p["z_sigma"] if z_sigma is None else z_sigma,
-            precision=precision, flip=flip,
+            precision=precision,
             polarity=model_polarity(p) if polarity is None else polarity,
         ))
     if len(models) == 1:
         return inferers[0]
-    changed = sorted({c for _, ckpt in models for c in map_setting_changes(ckpt["preprocessing"], sigma, z_sigma, polarity, flip)})
+    changed = sorted({c for _, ckpt in models for c in map_setting_changes(ckpt["preprocessing"], z_sigma, polarity)})
     if changed:
         logger.warning(
             "ensemble with %s: each member's normal scale comes from its training calibration, made with its own "
@@ -148,13 +145,10 @@ def volume_inferer(
     return EnsembleInferer(inferers, [ckpt["normal_q99"] for _, ckpt in models])
 
 
-def map_setting_changes(
-    params: dict, sigma: float | None = None, z_sigma: float | None = None, polarity: str | None = None, flip: bool = False
-) -> list[str]:
+def map_setting_changes(params: dict, z_sigma: float | None = None, polarity: str | None = None) -> list[str]:
     """The inference overrides that differ from the map settings a model was trained and calibrated with."""
-    changed = [f"{k} {v}" for k, v in (("sigma", sigma), ("z_sigma", z_sigma)) if v is not None and v != params.get(k)]
+    changed = [f"z_sigma {z_sigma}"] if z_sigma is not None and z_sigma != params.get("z_sigma") else []
     changed += [f"polarity {polarity}"] if polarity is not None and polarity != model_polarity(params) else []
-    changed += ["flip_tta"] if flip else []
     return changed
 
 
@@ -163,19 +157,16 @@ def model_polarity(params: dict) -> str:
     return params.get("polarity") or "any"
 
 
-def member_calibration_path(
-    models: Sequence[Model], sigma: float | None = None, z_sigma: float | None = None, flip: bool = False,
-    polarity: str | None = None,
-) -> str | None:
+def member_calibration_path(models: Sequence[Model], z_sigma: float | None = None, polarity: str | None = None) -> str | None:
     """The calibration inference uses without ``--calibration_dir``: the single model's own, or none for an
     ensemble (with a warning: its maps are still written, its thresholds and masks are not).
 
-    Training calibrated the model's map as it made it (its ``sigma``, ``z_sigma`` and ``polarity``, no flip);
-    other map settings at inference change the normal score distribution, so that case is warned about too.
+    Training calibrated the model's map as it made it (its ``z_sigma`` and ``polarity``); other map settings at
+    inference change the normal score distribution, so that case is warned about too.
     """
     if len(models) == 1:
         path, params = models[0][1]["path"], models[0][1]["preprocessing"]
-        changed = map_setting_changes(params, sigma, z_sigma, polarity, flip)
+        changed = map_setting_changes(params, z_sigma, polarity)
         if changed:
             logger.warning(
                 "%s: its calibration was made with the training run's map settings, not with %s; thresholds and "

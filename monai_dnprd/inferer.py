@@ -1,20 +1,21 @@
 """Volume inference: run the 2D DNP-ConFormer over every slice of a volume (2.5D) and build the 3D map.
 
-All slices of a volume that hold foreground go through the network in batches; each slice map is computed on
-the token grid, upsampled straight to the slice's own in-plane size, blurred, stacked back in z, optionally
-smoothed along z, zeroed outside the foreground and, when only bright or dark anomalies are sought, weighted
-by the voxel's intensity rank (``polarity``). The result carries the input's meta so that MONAI's
+All slices of a volume that hold foreground go through the ``AnomalyMapper`` in batches (resized to the
+network's input size); each slice map is resized back to the slice's own in-plane size, stacked back in z,
+optionally smoothed along z, zeroed outside the foreground and, when only bright or dark anomalies are sought,
+weighted by the voxel's intensity rank (``polarity``). The result carries the input's meta so that MONAI's
 ``Invertd`` can bring it back to the original image space.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from monai_dnprd.anomaly_map import check_polarity, gaussian_blur1d, polarity_gate, slice_anomaly_map
-from monai_dnprd.engines.trainer import autocast_context
+from monai_dnprd.anomaly_map import check_polarity, gaussian_blur1d, polarity_gate
+from monai_dnprd.config import autocast_context
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
 __all__ = ["DNPVolumeInferer"]
@@ -23,17 +24,15 @@ __all__ = ["DNPVolumeInferer"]
 class DNPVolumeInferer(Inferer):
     """Slice-wise (2.5D) anomaly-map inference for one volume ``(C, X, Y, Z)`` -> map ``(1, X, Y, Z)``.
 
+    The network it is called with is an ``AnomalyMapper`` (stacks -> slice maps at the network's input size).
+
     Args:
         img_size: the network's input size (slices are resized to ``img_size``^2 and maps resized back).
         k: neighbouring slices on each side stacked as channels (must match training).
         axis: the slicing axis (-1: last spatial axis, axial after orientation to RAS).
         batch_size: slices per forward pass.
-        sigma: Gaussian blur of each slice map, in pixels of the network input (scaled to the slice's size).
         z_sigma: Gaussian smoothing across slices, in slices (0 disables).
         precision: "fp32" or "bf16" autocast for the network.
-        flip: test-time augmentation: every slice also goes through the network mirrored along its first
-            in-plane axis (left-right after RAS orientation, the flip used in training); the two maps, the
-            second mirrored back, are averaged. Twice the network time.
         polarity: "any" (default), "bright" or "dark": multiply the map by the voxel's intensity rank in the
             foreground (of the first input channel), or by one minus it, when the lesions sought are known to be
             brighter (FLAIR hyperintensities) or darker than the tissue around them (``anomaly_map.polarity_gate``).
@@ -45,10 +44,8 @@ class DNPVolumeInferer(Inferer):
         k: int = 1,
         axis: int = -1,
         batch_size: int = 32,
-        sigma: float = 2.0,
         z_sigma: float = 0.0,
         precision: str = "fp32",
-        flip: bool = False,
         polarity: str = "any",
     ) -> None:
         super().__init__()
@@ -56,32 +53,17 @@ class DNPVolumeInferer(Inferer):
         self.k = int(k)
         self.axis = int(axis)
         self.batch_size = int(batch_size)
-        self.sigma = float(sigma)
         self.z_sigma = float(z_sigma)
         self.precision = precision
-        self.flip = bool(flip)
         self.polarity = check_polarity(polarity)
         self.resize = ResizeSlices(self.img_size)
 
-    def slice_maps(self, network: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    def slice_maps(self, mapper: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Anomaly maps ``(N, 1, H, W)`` of one batch of 2.5D slices ``(N, C, H, W)`` at their own size ``out_size``."""
-        net = network.module if hasattr(network, "module") else network
-        device = next(net.parameters()).device
-        x = self.resize(stack).to(device)
-        n = x.shape[0]
-        if self.flip:
-            x = torch.cat([x, x.flip(-2)])
+        device = next(mapper.parameters()).device
         with autocast_context(device, self.precision):
-            out = net(x)
-        targets = [t.float() for t in out.targets]
-        recons = [r.float() for r in out.recons]
-        sigma_out = self.sigma * max(out_size) / self.img_size
-        metric = getattr(net, "map_metric", "cosine")
-        stats = net.residual_stats() if metric != "cosine" else None
-        maps = slice_anomaly_map(targets, recons, out_size, sigma=sigma_out, metric=metric, residual_stats=stats)
-        if self.flip:
-            maps = 0.5 * (maps[:n] + maps[n:].flip(-2))
-        return maps.cpu()
+            maps = mapper(self.resize(stack).to(device))
+        return F.interpolate(maps.float(), size=tuple(out_size), mode="bilinear", align_corners=False).cpu()
 
     def __call__(  # type: ignore[override]
         self, inputs: torch.Tensor, network: torch.nn.Module, mask: torch.Tensor | None = None

@@ -1,4 +1,4 @@
-"""DNP-ConFormer losses: soft-mining global cosine, Diversity-Aware Alignment, optional prototype orthogonality."""
+"""DNP-ConFormer losses: soft-mining global cosine, Diversity-Aware Alignment and its usage-balance term."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .networks.mim import patch_l1
+
 if TYPE_CHECKING:  # pragma: no cover
     from .networks.dnp import DNPOutput
 
-__all__ = ["token_keep", "soft_mining_weights", "soft_mining_cosine_loss", "daa_loss", "orthogonality_loss", "DNPLoss"]
+__all__ = ["token_keep", "soft_mining_weights", "soft_mining_cosine_loss", "daa_loss", "prototype_balance_loss", "DNPLoss"]
 
 
 def token_keep(exclude: Tensor, patch_size: int) -> Tensor:
@@ -84,33 +86,68 @@ def daa_loss(tokens: Tensor, prototypes: Tensor, keep: Tensor | None = None) -> 
     return per_proto.mean(-1).mean()
 
 
-def orthogonality_loss(prototypes: Tensor) -> Tensor:
-    """Mean over i != j of cos(p_i, p_j)^2 (batched over leading dims); 0 for orthogonal prototypes."""
-    p = F.normalize(prototypes, dim=-1)
-    m = p.shape[-2]
-    if m < 2:
-        return p.new_zeros(())
-    c2 = (p @ p.transpose(-2, -1)) ** 2
-    off = c2.sum((-2, -1)) - c2.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return (off / (m * (m - 1))).mean()
+def prototype_balance_loss(tokens: Tensor, prototypes: Tensor, keep: Tensor | None = None,
+                           temperature: float = 0.1) -> Tensor:
+    """KL divergence of each image's mean soft prototype assignment from uniform use, averaged over images.
+
+    A token's soft assignment is softmax(-(1 - cos(f_n, p_k)) / temperature) over the M prototypes; the term is
+    0 when every prototype takes 1/M of the tokens and log M when one takes them all. It supplies what the
+    literal L_DAA lacks: an empty prototype adds 0 to L_DAA's mean, so emptying prototypes lowers L_DAA, while
+    it raises this term. ``keep`` (B, N), 1 = a token that counts.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if tokens.dim() == 2:
+        tokens, prototypes = tokens.unsqueeze(0), prototypes.unsqueeze(0)
+    a = torch.softmax(-_cos_dist(tokens, prototypes) / temperature, dim=-1)  # (B, N, M)
+    if keep is None:
+        usage = a.mean(1)
+    else:
+        w = keep.reshape(a.shape[0], -1, 1).to(a.dtype)
+        usage = (a * w).sum(1) / w.sum(1).clamp_min(1.0)
+    m = prototypes.shape[1]
+    usage = usage.clamp_min(1e-12)
+    return (usage * (usage * m).log()).sum(-1).mean()
 
 
 class DNPLoss(nn.Module):
-    """Total loss L = L_sm + daa_weight * L_DAA (+ ortho_weight * L_ortho when enabled)."""
+    """Total loss L = L_sm + daa_weight * L_DAA + balance_weight * L_balance + pixel_weight * L_pixel.
 
-    def __init__(self, gamma: float = 3.0, daa_weight: float = 0.2, ortho_weight: float = 0.0) -> None:
+    With context-only decoding (``out.hidden`` set) L_sm and L_pixel score the hidden tokens, the ones rebuilt
+    from context, and L_DAA / L_balance the visible tokens, the ones the prototypes were read from. L_pixel is
+    the mean absolute error of the pixel head's prediction of each hidden patch (the warm-up's loss, kept on).
+    """
+
+    def __init__(self, gamma: float = 3.0, daa_weight: float = 0.2, balance_weight: float = 1.0,
+                 balance_temperature: float = 0.1, pixel_weight: float = 1.0) -> None:
         super().__init__()
         self.gamma = gamma
         self.daa_weight = daa_weight
-        self.ortho_weight = ortho_weight
+        self.pixel_weight = pixel_weight
+        self.balance_weight = balance_weight
+        self.balance_temperature = balance_temperature
 
     def forward(self, out: DNPOutput, keep: Tensor | None = None) -> dict[str, Tensor]:
-        """Returns {"loss", "sm", "daa", "ortho"} (ortho is 0 when its weight is 0).
+        """Returns {"loss", "sm", "daa", "balance", "pixel"} (a term whose weight is 0, or that has no input, reads 0).
 
-        ``keep`` (B, 1, h, w) leaves the tokens of known lesions (0) out of L_sm and L_DAA.
+        ``keep`` (B, 1, h, w) leaves the tokens of known lesions (0) out of every term.
         """
-        sm = soft_mining_cosine_loss(out.targets, out.recons, self.gamma, keep=keep)
-        daa = daa_loss(out.tokens, out.prototypes, keep=None if keep is None else keep.flatten(1))
-        ortho = orthogonality_loss(out.prototypes) if self.ortho_weight > 0 else sm.new_zeros(())
-        loss = sm + self.daa_weight * daa + self.ortho_weight * ortho
-        return {"loss": loss, "sm": sm, "daa": daa, "ortho": ortho}
+        sm_keep, proto_keep = keep, None if keep is None else keep.flatten(1)
+        if out.hidden is not None:
+            hidden = out.hidden.to(out.recons[0].dtype)
+            sm_keep = hidden.reshape(keep.shape if keep is not None else (hidden.shape[0], 1, *out.recons[0].shape[-2:]))
+            proto_keep = 1.0 - hidden
+            if keep is not None:
+                sm_keep = sm_keep * keep
+                proto_keep = proto_keep * keep.flatten(1)
+        sm = soft_mining_cosine_loss(out.targets, out.recons, self.gamma, keep=sm_keep)
+        daa = daa_loss(out.tokens, out.prototypes, keep=proto_keep)
+        balance = (prototype_balance_loss(out.tokens, out.prototypes, proto_keep, self.balance_temperature)
+                   if self.balance_weight > 0 else sm.new_zeros(()))
+        pixel = sm.new_zeros(())
+        if self.pixel_weight > 0 and out.pixels is not None and out.hidden is not None:
+            err, has_fg = patch_l1(out.pixels, out.pixel_targets.detach())  # (B, N), tissue pixels only
+            w = sm_keep.flatten(1).to(err.dtype) * has_fg
+            pixel = (err * w).sum() / w.sum().clamp_min(1.0)
+        loss = sm + self.daa_weight * daa + self.balance_weight * balance + self.pixel_weight * pixel
+        return {"loss": loss, "sm": sm, "daa": daa, "balance": balance, "pixel": pixel}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -70,12 +71,61 @@ def rotation(angles) -> np.ndarray:
     return rz @ ry @ rx
 
 
+def nested(overrides: dict) -> dict:
+    """Keyword overrides with ``__`` for MONAI's ``#`` (``network_def__depth=4`` -> ``network_def#depth``)."""
+    return {k.replace("__", "#"): v for k, v in overrides.items()}
+
+
+def unknown_overrides(files, overrides: dict) -> list[str]:
+    """Override ids (``section#key``) that no merged config file defines: ``ConfigWorkflow`` would add them as new,
+    unused keys, and the test would silently run with the default. As on the command line
+    (``config.check_cli_overrides``), a component (a dict with ``_target_``) may be given new arguments."""
+    merged: dict = {}
+    for f in files:  # as MONAI merges a config-file list: later files set (possibly nested, ``a#b``) ids
+        for k, v in json.loads(Path(f).read_text()).items():
+            *parents, last = k.split("#")
+            node = merged
+            for part in parents:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[int(part)]
+            node[last] = v
+    unknown = []
+    for key in overrides:
+        node = merged
+        for part in key.split("#"):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                if not (isinstance(node, dict) and "_target_" in node and node is not merged):
+                    unknown.append(key)  # (a component may be given any constructor argument)
+                break
+    return unknown
+
+
+def cli_configs(run_id: str, *extra: str) -> str:
+    """``--config_file`` of ``python -m monai.bundle run`` for a workflow (relative to the repository root), with
+    ``extra`` config files (e.g. ``multi_gpu_train.json``) merged last: "['bundle/configs/common.json',...]"."""
+    from monai_dnprd.config import WORKFLOW_CONFIGS
+
+    names = [*WORKFLOW_CONFIGS[run_id], *extra]
+    return "[" + ",".join(f"'bundle/configs/{n}'" for n in names) + "]"
+
+
 def run_workflow(config: str, run_id: str, **overrides):
-    """Run one bundle workflow in this process (as ``python -m monai.bundle run`` would)."""
+    """Run one bundle workflow in this process (as ``python -m monai.bundle run`` would), merging the config
+    files the workflow needs (``monai_dnprd.config.workflow_configs``); ``config`` names its own file."""
     from monai.bundle import ConfigWorkflow
 
+    from monai_dnprd.config import workflow_configs
+
+    files = workflow_configs(BUNDLE, run_id)
+    assert Path(files[-1]).name == config, f"{config} is not the config of workflow {run_id}"
+    overrides = nested(overrides)
+    unknown = unknown_overrides(files, overrides)
+    assert not unknown, f"overrides {unknown} name no key of {[Path(f).name for f in files]} (renamed or moved?)"
     wf = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / config),
+        config_file=files,
         meta_file=str(BUNDLE / "configs" / "metadata.json"),
         logging_file=str(BUNDLE / "configs" / "logging.conf"),
         workflow_type=None,
@@ -98,19 +148,38 @@ def root_message(err: BaseException) -> str:
 
 TINY_MODEL = {
     "img_size": 32,
-    "patch_size": 8,
-    "depth": 4,
+    "network_def__patch_size": 8,
+    "network_def__depth": 4,
     "batch_size": 4,
-    "samples_per_volume": 2,
+    "data__samples_per_volume": 2,
     "num_workers": 0,
-    "log_interval": 1,
+    "schedule__log_interval": 1,
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Preprocessed volumes of the tests go to a folder of this session, never the user's cache."""
+    old = os.environ.get("MONAI_DNPRD_CACHE_DIR")
+    os.environ["MONAI_DNPRD_CACHE_DIR"] = str(tmp_path_factory.mktemp("preprocessed-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MONAI_DNPRD_CACHE_DIR", None)
+    else:
+        os.environ["MONAI_DNPRD_CACHE_DIR"] = old
+
+
+def torch_threads() -> int:
+    """Torch threads of a test: ``OMP_NUM_THREADS`` when set (1 on a machine shared with other jobs, where two
+    spinning OpenMP threads made a tiny training run 2-10x slower), else up to 2."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else min(2, os.cpu_count() or 1)
 
 
 @pytest.fixture(autouse=True)
 def _quiet_threads():
     """Keep each test on the 2 cores without oversubscription."""
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(torch_threads())
     yield
 
 
@@ -120,7 +189,8 @@ def trained(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
     run_workflow(
         "train.json", "training", output_dir=str(out), dataset_dir=str(tiny_data["train"]),
-        val_dir=str(tiny_data["val"]), num_iterations=6, warmup_iterations=2, val_interval=2, ckpt_interval=2,
+        val_dir=str(tiny_data["val"]), num_iterations=6, warmup_iterations=2, schedule__val_interval=2,
+        schedule__ckpt_interval=2,
         **TINY_MODEL,
     )
     return out

@@ -1,4 +1,4 @@
-"""Tests for slice anomaly maps, Gaussian smoothing, top-q% scores and the collapse monitors."""
+"""The anomaly map (feature map, pixel error, ``AnomalyMapper``), smoothing, top-q% scores, collapse monitors."""
 
 from __future__ import annotations
 
@@ -11,25 +11,50 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from monai_dnprd.anomaly_map import (
+    AnomalyMapper,
+    feature_map,
     feature_spread,
     group_feature_spread,
     gaussian_blur1d,
     gaussian_blur2d,
     intensity_rank,
     polarity_gate,
+    pixel_error,
     prototype_usage,
-    slice_anomaly_map,
     upsample_blur,
     upsample_blur_matrix,
     top_percent_score,
 )
+from monai_dnprd.networks import DNPConFormer, patchify
+from monai_dnprd.networks.dnp import DNPOutput
 
 
-def test_slice_map_shape_and_zero_for_identical():
-    t = [torch.randn(3, 16, 8, 8), torch.randn(3, 16, 8, 8)]
-    m = slice_anomaly_map(t, [x.clone() for x in t], (64, 48), sigma=4.0)
+def _net(img_size: int = 64, patch_size: int = 8) -> DNPConFormer:
+    """A small network: the mapper reads its geometry (input size, patch size, token grid, groups)."""
+    torch.manual_seed(0)
+    return DNPConFormer(img_size=img_size, patch_size=patch_size, in_channels=1, vit="tiny", embed_dim=16,
+                        depth=2, num_heads=2, num_register_tokens=0)
+
+
+def _output(targets, recons, pixels=None, pixel_targets=None) -> DNPOutput:
+    """A network output holding given features (what ``AnomalyMapper.map_from`` reads)."""
+    b = targets[0].shape[0]
+    n = targets[0].shape[-2] * targets[0].shape[-1]
+    return DNPOutput(targets=list(targets), recons=list(recons), prototypes=torch.zeros(b, 2, 4),
+                     tokens=torch.zeros(b, n, 4), assignments=torch.zeros(b, n, dtype=torch.long), pixels=pixels,
+                     pixel_targets=pixel_targets)
+
+
+def test_feature_map_and_mapper_shape_and_zero_for_identical():
+    t = [torch.randn(3, 16, 8, 6), torch.randn(3, 16, 8, 6)]
+    f = feature_map(t, [x.clone() for x in t])
+    assert f.shape == (3, 8, 6) and f.abs().max().item() < 1e-5
+    # a token grid other than the network's own (8 x 8 here) is upsampled to patch size x grid
+    m = AnomalyMapper(_net(), metric="cosine", sigma=4.0).map_from(_output(t, [x.clone() for x in t]))
     assert m.shape == (3, 1, 64, 48)
     assert m.abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="same non-zero number"):
+        feature_map(t, t[:1])
 
 
 @pytest.mark.parametrize("out_size,sigma", [((240, 200), 5.0), ((64, 48), 4.0), ((7, 5), 1.0), ((30, 30), 0.0),
@@ -46,20 +71,89 @@ def test_upsample_blur_equals_interpolate_then_blur(out_size, sigma):
 
 
 @pytest.mark.parametrize("sigma", [0.0, 2.0, 4.0])
-def test_slice_map_localizes_difference(sigma):
+def test_mapper_localizes_difference(sigma):
     torch.manual_seed(0)
     t = [torch.randn(2, 16, 8, 8) for _ in range(2)]
     r = [x.clone() for x in t]
     r[0][1, :, 5, 2] = -r[0][1, :, 5, 2]  # token (5, 2) of image 1, group 0 only
-    m = slice_anomaly_map(t, r, (64, 64), sigma=sigma)
+    mapper = AnomalyMapper(_net(), metric="cosine", sigma=sigma)
+    m = mapper.map_from(_output(t, r))
+    assert m.shape == (2, 1, 64, 64)
     assert m[0].abs().max().item() < 1e-5
     y, x = divmod(int(m[1, 0].argmax()), 64)
     assert 40 <= y < 48 and 16 <= x < 24  # inside that token's 8x8 patch
+    # the mapper's precomputed resampling matrices give the plain pipeline's map: mean over groups on the token
+    # grid, bilinear upsampling, then the separable blur
+    ref = gaussian_blur2d(F.interpolate(feature_map(t, r)[:, None], size=(64, 64), mode="bilinear",
+                                        align_corners=False), sigma)
+    torch.testing.assert_close(m, ref, atol=2e-6, rtol=1e-5)
     if sigma == 0:
         # d = 2 in one of 2 groups -> 1 at the token centre (between pixels 43/44 and 19/20 for patch 8):
         # half-pixel-aligned bilinear gives (1 - 1/16)^2 at the four central pixels of the patch
         assert math.isclose(m[1].max().item(), (15 / 16) ** 2, rel_tol=1e-4)
         assert torch.allclose(m[1, 0, 43:45, 19:21], torch.tensor((15 / 16) ** 2))
+    else:
+        assert m[1, 0].max() < (15 / 16) ** 2  # the blur spreads the token's distance
+
+
+def test_pixel_error_is_the_foreground_mean_over_channels():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 8) + 0.1
+    x[:, 1, :4] = 0.0  # channel 1 has no tissue in the top rows
+    x[:, :, 12:] = 0.0  # background everywhere at the bottom
+    pred = torch.randn(2, 3, 16, 8)
+    err = pixel_error(patchify(pred, 4), patchify(x, 4), 4, (4, 2))
+    assert err.shape == (2, 16, 8)
+    fg = (x > 0).float()
+    expected = ((pred - x).abs() * fg).sum(1) / fg.sum(1).clamp_min(1.0)
+    torch.testing.assert_close(err, expected)
+    assert (err[:, 12:] == 0).all()
+    torch.testing.assert_close(err[:, :4], ((pred - x).abs()[:, [0, 2], :4]).mean(1))  # tissue channels only
+
+
+def test_feature_pixel_map_is_the_geometric_mean_of_positive_z_scores():
+    torch.manual_seed(0)
+    net = _net(32, 8)  # 4 x 4 token grid, 2 feature groups of 16 channels
+    mapper = AnomalyMapper(net, metric="feature_pixel", sigma=0.0)
+    stats = [(0.1 * torch.randn(16), torch.rand(16) + 0.5) for _ in range(2)]
+    mapper.set_residual_stats(stats, 10)
+    mapper.set_map_moments(torch.tensor([0.3, 0.2]), torch.tensor([0.5, 0.1]))
+    t = [torch.randn(2, 16, 4, 4) for _ in range(2)]
+    r = [torch.randn(2, 16, 4, 4) for _ in range(2)]
+    x = torch.rand(2, 1, 32, 32)
+    pixels, targets = patchify(torch.rand(2, 1, 32, 32), 8), patchify(x, 8)
+    out = _output(t, r, pixels, targets)
+    feature, pixel = mapper.parts(out)
+    ref_f = F.interpolate(feature_map(t, r, "cosine_residual_z", stats)[:, None], size=(32, 32), mode="bilinear",
+                          align_corners=False)[:, 0]
+    torch.testing.assert_close(feature, ref_f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pixel, pixel_error(pixels, targets, 8, (4, 4)))
+    zf, zp = ((feature - 0.3) / 0.5).clamp_min(0), ((pixel - 0.2) / 0.1).clamp_min(0)
+    combined = mapper.combine(feature, pixel)
+    torch.testing.assert_close(combined, (zf * zp).sqrt())
+    assert (combined[(feature < 0.3) | (pixel < 0.2)] == 0).all()  # below the normal mean in either part: 0
+    torch.testing.assert_close(mapper.map_from(out), combined[:, None])  # sigma 0: no blur
+    # the feature-only metrics have no pixel part, and their map is the feature map itself
+    for metric in ("cosine", "cosine_residual_z"):
+        other = AnomalyMapper(net, metric=metric, sigma=0.0)
+        other.set_residual_stats(stats, 10)
+        f, p = other.parts(out)
+        assert p is None
+        torch.testing.assert_close(other.map_from(out)[:, 0], f)
+
+
+def test_mapper_runs_the_network_on_slice_stacks():
+    net = _net(32, 8).eval()
+    mapper = AnomalyMapper(net, metric="cosine", sigma=1.0)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        m = mapper(x)
+        torch.testing.assert_close(m, mapper.map_from(net(x)))
+    assert m.shape == (3, 1, 32, 32) and torch.isfinite(m).all() and m.min() >= 0
+    with pytest.raises(ValueError, match="unknown map metric"):
+        AnomalyMapper(net, metric="residual_z")
+    with pytest.raises(ValueError, match="sigma"):
+        AnomalyMapper(net, sigma=-1.0)
 
 
 def test_blur_identity_constant_and_mass():

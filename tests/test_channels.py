@@ -95,10 +95,12 @@ def test_two_channel_model_trains_infers_and_evaluates_on_4d_inputs(trained, tin
             _stack(f, d, f.name)
     out = tmp_path / "run"
     run_workflow("train.json", "training", output_dir=str(out), dataset_dir=str(dirs["train"]), val_dir=str(dirs["val"]),
-                 num_iterations=4, warmup_iterations=2, val_interval=2, ckpt_interval=2, channels=[1, 0], **TINY_MODEL)
-    net, ckpt = load_model(out / "models" / "model.pt")
+                 num_iterations=4, warmup_iterations=2, schedule__val_interval=2, schedule__ckpt_interval=2,
+                 channels=[1, 0], **TINY_MODEL)
+    mapper, ckpt = load_model(out / "models" / "model.pt")
     assert ckpt["preprocessing"]["channels"] == [1, 0]
-    assert net.encoder.patch_embed.proj.in_channels == 6  # 2 channels x (2k + 1) slices
+    assert mapper.network.encoder.patch_embed.proj.in_channels == 6  # 2 channels x (2k + 1) slices
+    assert ckpt["config"]["network"]["in_channels"] == 6
     # inference reads the channels from the model: 3D maps in the space of the 4D inputs
     (dirs["test"] / "three_d.nii.gz").write_bytes((tiny_data["test"] / "case_normal.nii.gz").read_bytes())
     maps = tmp_path / "maps"

@@ -6,16 +6,36 @@ import pytest
 import torch
 from conftest import BUNDLE
 
-from monai_dnprd.config import UnknownOverrideError, as_bool, check_cli_overrides, resolve_device
+from monai_dnprd.config import (
+    UnknownOverrideError,
+    as_bool,
+    check_cli_overrides,
+    resolve_device,
+    workflow_configs,
+)
 
 CLI = "/somewhere/site-packages/monai/bundle/__main__.py"
-TRAIN = str(BUNDLE / "configs" / "train.json")
+TRAIN = "[" + ",".join(f"'{f}'" for f in workflow_configs(BUNDLE, "training")) + "]"  # as on the command line
+INFERENCE = ",".join(workflow_configs(BUNDLE, "inference"))  # the comma-separated form
+
+
+def test_workflow_configs_merge_the_shared_part_first():
+    names = {w: [f.rsplit("/", 1)[-1] for f in workflow_configs(BUNDLE, w)]
+             for w in ("training", "inference", "evaluating")}
+    assert names == {"training": ["common.json", "train.json"], "inference": ["common.json", "inference.json"],
+                     "evaluating": ["common.json", "inference.json", "evaluate.json"]}
+    with pytest.raises(ValueError, match="unknown workflow"):
+        workflow_configs(BUNDLE, "train")
 
 
 def test_known_overrides_pass():
     argv = [CLI, "run", "training", "--config_file", TRAIN, "--bundle_root", "bundle", "--num_iterations", "5",
-            "--dataset_dir=/data", "--network_def#depth", "4"]
+            "--dataset_dir=/data", "--network_def#depth", "4", "--map#metric", "cosine", "--schedule#val_interval=3",
+            "--device", "cpu"]  # device: from common.json
     assert check_cli_overrides(argv)
+    # a constructor argument the config leaves at its default may be added to a component
+    assert check_cli_overrides(argv + ["--network_def#embed_dim", "64"])
+    assert check_cli_overrides([CLI, "run", "inference", "--config_file", INFERENCE, "--fpr", "0.05", "--z_sigma", "0"])
 
 
 def test_misspelled_override_is_an_error_listing_the_options():
@@ -23,6 +43,18 @@ def test_misspelled_override_is_an_error_listing_the_options():
     with pytest.raises(UnknownOverrideError, match="--num_iteration") as err:
         check_cli_overrides(argv)
     assert "--num_iterations" in str(err.value)
+
+
+def test_misspelled_or_moved_section_option_is_an_error():
+    for bad in ("--schedule#val_intervall", "--map#sigma#x", "--patch_size"):  # --patch_size: now network_def#
+        argv = [CLI, "run", "training", "--config_file", TRAIN, bad, "5"]
+        with pytest.raises(UnknownOverrideError, match=f"unknown option\\(s\\) {bad};"):
+            check_cli_overrides(argv)
+    with pytest.raises(UnknownOverrideError) as err:
+        check_cli_overrides([CLI, "run", "training", "--config_file", TRAIN, "--schedule#val_intervall", "5"])
+    assert "--schedule#val_interval," in str(err.value)  # the section's own options are listed
+    with pytest.raises(UnknownOverrideError, match="--sigma"):  # the blur is no inference option any more
+        check_cli_overrides([CLI, "run", "inference", "--config_file", INFERENCE, "--sigma", "1"])
 
 
 def test_not_the_cli_is_not_checked():

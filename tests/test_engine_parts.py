@@ -11,7 +11,7 @@ from monai.data import MetaTensor
 from monai_dnprd.data import SafeDataset, inference_datalist, normal_datalists
 from monai_dnprd.engines.evaluator import axial_axis
 from monai_dnprd.engines.schedule import cosine_lr, stage_lambdas
-from monai_dnprd.anomaly_map import gaussian_blur1d
+from monai_dnprd.anomaly_map import AnomalyMapper, gaussian_blur1d
 from monai_dnprd.inferer import DNPVolumeInferer
 from monai_dnprd.io import VolumeError
 from monai_dnprd.networks import DNPConFormer
@@ -27,7 +27,7 @@ def test_cosine_lr_end_points():
 def test_stage_lambdas_freeze_the_right_groups():
     lam = stage_lambdas(1000, 200, encoder_lr=1e-5, decoder_lr=1e-4, decoder_lr_min=1e-5, mim_lr=1e-3)
     assert lam["decoder"](0) == 0.0 and lam["decoder"](199) == 0.0 and lam["decoder"](400) > 0
-    assert lam["mim_head"](100) > 0 and lam["mim_head"](200) == 0.0
+    assert lam["pixel_head"](100) > 1e-4 and lam["pixel_head"](400) == lam["decoder"](400)  # keeps learning
     assert lam["encoder"](500) == 1e-5 and lam["encoder"](100) > 1e-4
     assert lam["decoder"](999) == pytest.approx(1e-5, rel=0.05)
 
@@ -76,18 +76,25 @@ def test_axial_axis_of_common_orientations():
     assert axial_axis(psr) == 1
 
 
-@pytest.fixture(scope="module")
-def tiny_net():
+def _mapper(in_channels: int = 3, sigma: float = 1.0) -> AnomalyMapper:
+    """The inferer's network: a mapper around a tiny DNP-ConFormer (16 px input, 2 x 2 tokens, 1-token blocks)."""
     torch.manual_seed(0)
-    return DNPConFormer(img_size=16, patch_size=8, in_channels=3, vit="tiny", depth=2, num_register_tokens=0).eval()
+    net = DNPConFormer(img_size=16, patch_size=8, in_channels=in_channels, vit="tiny", depth=2,
+                       num_register_tokens=0, mask_block=1)
+    return AnomalyMapper(net, metric="cosine", sigma=sigma).eval()
 
 
-def test_inferer_map_shape_mask_and_batch_invariance(tiny_net):
+@pytest.fixture(scope="module")
+def tiny_mapper():
+    return _mapper()
+
+
+def test_inferer_map_shape_mask_and_batch_invariance(tiny_mapper):
     vol = MetaTensor(torch.rand(1, 20, 20, 7), affine=torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0])))
     mask = torch.zeros(1, 20, 20, 7, dtype=torch.uint8)
     mask[:, 4:16, 4:16, 1:6] = 1
-    a = DNPVolumeInferer(img_size=16, k=1, batch_size=2, sigma=1.0)(vol, tiny_net, mask=mask)
-    b = DNPVolumeInferer(img_size=16, k=1, batch_size=7, sigma=1.0)(vol, tiny_net, mask=mask)
+    a = DNPVolumeInferer(img_size=16, k=1, batch_size=2)(vol, tiny_mapper, mask=mask)
+    b = DNPVolumeInferer(img_size=16, k=1, batch_size=7)(vol, tiny_mapper, mask=mask)
     assert a.shape == (1, 20, 20, 7) and isinstance(a, MetaTensor)
     assert torch.equal(a.affine, vol.affine)
     assert float(a[mask == 0].abs().max()) == 0.0
@@ -96,38 +103,72 @@ def test_inferer_map_shape_mask_and_batch_invariance(tiny_net):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_inferer_any_slicing_axis_matches_axial_on_the_permuted_volume(tiny_net, axis):
+def test_inferer_any_slicing_axis_matches_axial_on_the_permuted_volume(tiny_mapper, axis):
     torch.manual_seed(1)
     vol = torch.rand(1, 20, 18, 7)
     mask = torch.zeros(1, 20, 18, 7, dtype=torch.uint8)
     mask[:, 3:17, 2:15, 1:6] = 1
-    ref = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=1.0)(vol, tiny_net, mask=mask)
-    moved = DNPVolumeInferer(img_size=16, k=1, axis=axis, sigma=1.0, z_sigma=1.0)(
-        vol.movedim(3, 1 + axis), tiny_net, mask=mask.movedim(3, 1 + axis))
+    ref = DNPVolumeInferer(img_size=16, k=1, z_sigma=1.0)(vol, tiny_mapper, mask=mask)
+    moved = DNPVolumeInferer(img_size=16, k=1, axis=axis, z_sigma=1.0)(
+        vol.movedim(3, 1 + axis), tiny_mapper, mask=mask.movedim(3, 1 + axis))
     torch.testing.assert_close(moved.movedim(1 + axis, 3), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_inferer_z_smoothing_is_the_gaussian_along_z_then_the_mask(tiny_net):
+def test_inferer_z_smoothing_is_the_gaussian_along_z_then_the_mask(tiny_mapper):
     torch.manual_seed(2)
     vol = torch.rand(1, 16, 16, 9)
     mask = torch.zeros(1, 16, 16, 9, dtype=torch.uint8)
     mask[:, 2:14, 3:13, 1:8] = 1
     full = torch.ones_like(mask)
-    raw = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=0.0)(vol, tiny_net, mask=full)
-    smooth = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=1.5)(vol, tiny_net, mask=full)
+    raw = DNPVolumeInferer(img_size=16, k=1, z_sigma=0.0)(vol, tiny_mapper, mask=full)
+    smooth = DNPVolumeInferer(img_size=16, k=1, z_sigma=1.5)(vol, tiny_mapper, mask=full)
     torch.testing.assert_close(smooth, gaussian_blur1d(raw, 1.5, dim=3), rtol=1e-5, atol=1e-6)
-    masked = DNPVolumeInferer(img_size=16, k=1, sigma=1.0, z_sigma=1.5)(vol, tiny_net, mask=mask)
+    masked = DNPVolumeInferer(img_size=16, k=1, z_sigma=1.5)(vol, tiny_mapper, mask=mask)
     # slices without foreground are not scored (zero before smoothing), then the mask zeroes the outside
     expect = raw.clone()
     expect[..., [0, 8]] = 0.0
     torch.testing.assert_close(masked, gaussian_blur1d(expect, 1.5, dim=3) * mask, rtol=1e-5, atol=1e-6)
 
 
-def test_inferer_z_smoothing_spreads_across_slices(tiny_net):
+def test_inferer_z_smoothing_spreads_across_slices(tiny_mapper):
     vol = torch.zeros(1, 16, 16, 9)
     vol[..., 4] = torch.rand(16, 16)
-    plain = DNPVolumeInferer(img_size=16, k=0, sigma=0.0, z_sigma=0.0)
-    smooth = DNPVolumeInferer(img_size=16, k=0, sigma=0.0, z_sigma=1.5)
-    net = DNPConFormer(img_size=16, patch_size=8, in_channels=1, vit="tiny", depth=2, num_register_tokens=0).eval()
+    plain = DNPVolumeInferer(img_size=16, k=0, z_sigma=0.0)
+    smooth = DNPVolumeInferer(img_size=16, k=0, z_sigma=1.5)
+    net = _mapper(in_channels=1, sigma=0.0)
     p, s = plain(vol, net), smooth(vol, net)
     assert p.std(dim=(0, 1, 2)).std() > s.std(dim=(0, 1, 2)).std()  # less slice-to-slice variation
+
+
+def _early_stop_run(metrics: list[float | None], patience: int, min_delta: float = 0.0) -> int:
+    """Iteration at which a trainer validating every iteration (``voxel_ap`` from ``metrics``) ends."""
+    from ignite.engine import Engine, Events
+
+    from monai_dnprd.engines import EarlyStop
+
+    values = iter(metrics)
+    evaluator = Engine(lambda e, b: None)
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _metric(e: Engine) -> None:  # registered before EarlyStop, like the metrics handler
+        v = next(values)
+        e.state.metrics.pop("voxel_ap", None) if v is None else e.state.metrics.update(voxel_ap=v)
+
+    trainer = Engine(lambda e, b: None)
+    EarlyStop(evaluator, patience=patience, min_delta=min_delta).attach(trainer)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: evaluator.run([0], max_epochs=1))
+    trainer.run(range(len(metrics)), max_epochs=1)
+    return trainer.state.iteration
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_early_stop_on_the_validation_voxel_ap():
+    nan = float("nan")
+    assert _early_stop_run([0.1, 0.2, 0.2, 0.2, 0.3, 0.3], patience=0) == 6  # 0 = off
+    assert _early_stop_run([0.1, 0.2, 0.2, 0.2, 0.3, 0.3], patience=2) == 4  # higher is better
+    assert _early_stop_run([0.5, 0.4, 0.3, 0.2, 0.1, 0.1], patience=3) == 4
+    assert _early_stop_run([0.1, 0.2, nan, None, 0.3, 0.3], patience=2) == 4  # NaN or missing: no improvement
+    assert _early_stop_run([0.1, 0.2, nan, 0.3, nan, nan, 0.4], patience=3) == 7
+    assert _early_stop_run([0.1, 0.1005, 0.1008, 0.1009, 0.2], patience=3, min_delta=0.001) == 4
+    # min_delta counts from the best score so far: two gains of 0.0006 add up to an improvement
+    assert _early_stop_run([0.1, 0.1006, 0.1012, 0.1018, 0.2, 0.2], patience=3, min_delta=0.001) == 6

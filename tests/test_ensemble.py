@@ -15,24 +15,27 @@ from conftest import BUNDLE, root_message, run_workflow
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
+from monai_dnprd.anomaly_map import AnomalyMapper
 from monai_dnprd.calibration import Calibration
 from monai_dnprd.checkpoint import CheckpointError, export_model
 from monai_dnprd.ensemble import EnsembleInferer, checkpoint_paths, ensemble_network, load_models, volume_inferer
 from monai_dnprd.inferer import DNPVolumeInferer
 from monai_dnprd.networks import DNPConFormer
 
-PARAMS = {"modality": "mri", "k": 1, "img_size": 16, "margin": 4, "spacing": None, "sigma": 1.0, "z_sigma": 0.0,
-          "score_q": 0.01}
+PARAMS = {"modality": "mri", "k": 1, "img_size": 16, "margin": 4, "spacing": None, "z_sigma": 0.0, "score_q": 0.01}
 
 
-def tiny_net(seed: int) -> DNPConFormer:
+def tiny_net(seed: int, sigma: float = 1.0, in_channels: int = 3) -> AnomalyMapper:
+    """A tiny mapper (cosine map, no statistics needed) around a 16 px DNP-ConFormer with 2 x 2 tokens."""
     torch.manual_seed(seed)
-    return DNPConFormer(img_size=16, patch_size=8, in_channels=3, vit="tiny", depth=2, num_register_tokens=0).eval()
+    net = DNPConFormer(img_size=16, patch_size=8, in_channels=in_channels, vit="tiny", depth=2,
+                       num_register_tokens=0, mask_block=1)
+    return AnomalyMapper(net, metric="cosine", sigma=sigma).eval()
 
 
-def save_member(folder: Path, seed: int, q99: float | None = 0.5, **params) -> Path:
+def save_member(folder: Path, seed: int, q99: float | None = 0.5, sigma: float = 1.0, **params) -> Path:
     """An exported tiny model, with a calibration whose 99th percentile of normal voxel scores is ``q99``."""
-    path = export_model(folder / "model.pt", tiny_net(seed), {**PARAMS, **params})
+    path = export_model(folder / "model.pt", tiny_net(seed, sigma), {**PARAMS, **params})
     if q99 is not None:
         values = np.linspace(0.0, q99 / 0.99, 10001)  # uniform normal scores: q99 == q99
         Calibration.from_scores([values], [q99]).save(folder / "calibration.json")
@@ -50,8 +53,8 @@ def volume():
 
 def test_ensemble_map_is_the_mean_of_member_maps_in_normal_units(volume):
     vol, mask = volume
-    nets = [tiny_net(0), tiny_net(1)]
-    inferers = [DNPVolumeInferer(img_size=16, k=1, sigma=1.0), DNPVolumeInferer(img_size=16, k=1, sigma=0.0, z_sigma=1.0)]
+    nets = [tiny_net(0, sigma=1.0), tiny_net(1, sigma=0.0)]
+    inferers = [DNPVolumeInferer(img_size=16, k=1), DNPVolumeInferer(img_size=16, k=1, z_sigma=1.0)]
     maps = [inf(vol, net, mask=mask) for inf, net in zip(inferers, nets)]
     out = EnsembleInferer(inferers, [0.5, 2.0])(vol, torch.nn.ModuleList(nets), mask=mask)
     assert isinstance(out, MetaTensor) and torch.equal(out.affine, vol.affine) and out.shape == vol.shape
@@ -94,16 +97,19 @@ def test_load_models_builds_an_ensemble_and_checks_its_members(tmp_path):
     for d in dirs:
         d.mkdir()
     a = save_member(dirs[0], 0, q99=0.5)
-    b = save_member(dirs[1], 1, q99=2.0, img_size=16, sigma=3.0)
+    b = save_member(dirs[1], 1, q99=2.0, sigma=3.0, img_size=16, z_sigma=2.0)
     models = load_models([a, b])
     assert [m[1]["normal_q99"] for m in models] == pytest.approx([0.5, 2.0], rel=1e-3)
-    assert isinstance(ensemble_network(models), torch.nn.ModuleList)
+    net = ensemble_network(models)
+    assert isinstance(net, torch.nn.ModuleList) and all(isinstance(m, AnomalyMapper) for m in net)
+    assert [m.sigma for m in net] == [1.0, 3.0]  # each member's in-plane blur belongs to its own map
     inferer = volume_inferer(models, batch_size=4)
-    assert [i.sigma for i in inferer.inferers] == [1.0, 3.0]  # each member keeps its own smoothing ...
-    assert [i.sigma for i in volume_inferer(models, sigma=0.5).inferers] == [0.5, 0.5]  # ... unless overridden
+    assert [i.z_sigma for i in inferer.inferers] == [0.0, 2.0]  # each member keeps its own z smoothing ...
+    assert [i.z_sigma for i in volume_inferer(models, z_sigma=0.5).inferers] == [0.5, 0.5]  # ... unless overridden
+    assert [i.batch_size for i in inferer.inferers] == [4, 4]
     # a single checkpoint is used as it is: its own network and inferer, no calibration needed
     single = load_models(str(save_member(dirs[2], 2, q99=None)))
-    assert isinstance(ensemble_network(single), DNPConFormer)
+    assert isinstance(ensemble_network(single), AnomalyMapper)
     assert type(volume_inferer(single)) is DNPVolumeInferer
     with pytest.raises(CheckpointError, match="calibration.json"):
         load_models([a, dirs[2] / "model.pt"])
@@ -117,6 +123,7 @@ def copy_member(trained: Path, folder: Path, scale: float) -> Path:
     """A copy of the trained model whose calibration's scores are multiplied by ``scale``."""
     folder.mkdir(parents=True)
     shutil.copy(trained / "models" / "model.pt", folder / "model.pt")
+    shutil.copy(trained / "models" / "model.json", folder / "model.json")
     cal = json.loads((trained / "models" / "calibration.json").read_text())
     cal["values"] = [v * scale for v in cal["values"]]
     (folder / "calibration.json").write_text(json.dumps(cal))
@@ -192,33 +199,17 @@ def test_calibration_dir_recalibrates_a_single_model_and_reports_bad_folders(tra
     assert "no usable calibration volume (1 failed)" in root_message(err.value)
 
 
-# ----------------------------------------------------------------------------------- flip test-time augmentation
-def test_flip_tta_averages_the_map_with_the_mirrored_volumes_map(volume):
-    vol, mask = volume
-    net = tiny_net(0)
-    plain = DNPVolumeInferer(img_size=16, k=1, batch_size=3, sigma=1.0, z_sigma=1.0)
-    tta = DNPVolumeInferer(img_size=16, k=1, batch_size=3, sigma=1.0, z_sigma=1.0, flip=True)
-    direct = plain(vol, net, mask=mask).as_tensor()
-    mirrored = plain(vol.flip(1), net, mask=mask.flip(1)).as_tensor().flip(1)
-    out = tta(vol, net, mask=mask)
-    assert isinstance(out, MetaTensor) and torch.equal(out.affine, vol.affine)
-    assert not torch.allclose(direct, mirrored, atol=1e-4)  # the network is not mirror-symmetric by itself ...
-    torch.testing.assert_close(out.as_tensor(), 0.5 * (direct + mirrored), rtol=1e-4, atol=1e-5)
-    # ... but its flip-averaged map is: mirroring the input mirrors the map
-    torch.testing.assert_close(tta(vol.flip(1), net, mask=mask.flip(1)).as_tensor().flip(1), out.as_tensor(),
-                               rtol=1e-4, atol=1e-5)
-
-
 def test_changed_map_settings_warn_that_the_training_calibration_may_not_fit(tmp_path, caplog):
     from monai_dnprd.ensemble import member_calibration_path
 
     models = load_models(str(save_member(tmp_path, 0)))
     with caplog.at_level("WARNING", logger="monai_dnprd"):
-        assert member_calibration_path(models, sigma=PARAMS["sigma"]) == str(tmp_path / "calibration.json")
+        assert member_calibration_path(models, z_sigma=PARAMS["z_sigma"], polarity="any") == str(
+            tmp_path / "calibration.json")
     assert not caplog.records  # the training run's own settings: nothing to warn about
     with caplog.at_level("WARNING", logger="monai_dnprd"):
-        member_calibration_path(models, sigma=3.0, flip=True)
-    assert "not with sigma 3.0, flip_tta" in caplog.text
+        member_calibration_path(models, z_sigma=3.0, polarity="dark")
+    assert "not with z_sigma 3.0, polarity dark" in caplog.text
 
 
 # ----------------------------------------------------------------------------------------------------- polarity
@@ -227,8 +218,8 @@ def test_polarity_weights_the_map_by_the_intensity_rank_of_the_first_channel(vol
 
     vol, mask = volume
     vol2 = MetaTensor(torch.cat([vol.as_tensor(), torch.rand(1, 20, 20, 7)]), affine=vol.affine)  # two channels
-    net = DNPConFormer(img_size=16, patch_size=8, in_channels=6, vit="tiny", depth=2, num_register_tokens=0).eval()
-    kw = dict(img_size=16, k=1, batch_size=4, sigma=1.0, z_sigma=1.0)
+    net = tiny_net(0, in_channels=6)
+    kw = dict(img_size=16, k=1, batch_size=4, z_sigma=1.0)
     plain = DNPVolumeInferer(**kw)(vol2, net, mask=mask).as_tensor()
     rank = intensity_rank(vol[0], mask[0] > 0)
     bright = DNPVolumeInferer(**kw, polarity="bright")(vol2, net, mask=mask)
@@ -263,30 +254,32 @@ def test_ensemble_warns_when_overrides_change_the_maps_its_member_scales_came_fr
     models = load_models([str(p) for p in paths])
     with caplog.at_level("WARNING", logger="monai_dnprd"):
         volume_inferer(models)  # each member as trained: its scale fits its map
-        volume_inferer(models, sigma=PARAMS["sigma"])  # an override equal to every member's setting
+        volume_inferer(models, z_sigma=PARAMS["z_sigma"])  # an override equal to every member's setting
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     with caplog.at_level("WARNING", logger="monai_dnprd"):
         volume_inferer(models, polarity="bright")  # member a was calibrated without the gate
     assert "ensemble with polarity bright: each member's normal scale" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="monai_dnprd"):
-        volume_inferer(models, z_sigma=3.0, flip=True)
-    assert "ensemble with flip_tta, z_sigma 3.0:" in caplog.text
+        volume_inferer(models, z_sigma=3.0)
+    assert "ensemble with z_sigma 3.0:" in caplog.text
 
 
 @pytest.mark.parametrize("override, expected", [(None, "bright"), ("any", "any")])
 def test_bundle_inference_and_training_configs_pass_the_polarity_on(tmp_path, override, expected):
+    from monai_dnprd.config import workflow_configs
+
     model = save_member(tmp_path, 0, polarity="bright")
-    for config in ("inference.json", "evaluate.json"):
+    for workflow in ("inference", "evaluating"):
         parser = ConfigParser()
-        parser.read_config(str(BUNDLE / "configs" / config))
+        parser.read_config(workflow_configs(BUNDLE, workflow))
         parser.update({"ckpt_path": str(model), "polarity": override, "device": "cpu"})
-        assert parser.get_parsed_content("inferer").polarity == expected, config
+        assert parser.get_parsed_content("inferer").polarity == expected, workflow
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.read_config(workflow_configs(BUNDLE, "training"))
     parser.update({"polarity": "dark", "device": "cpu"})
     assert parser.get_parsed_content("inferer").polarity == "dark"
-    assert parser.get_parsed_content("preprocessing_params")["polarity"] == "dark"  # exported with the model
+    assert parser.get_parsed_content("params")["polarity"] == "dark"  # exported with the model
     assert parser.get_parsed_content("lesions").lesioner.kinds == ("hypo",)  # validation seeks dark lesions
 
 

@@ -9,10 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE, TINY_MODEL, _downsampled, root_message, run_workflow
+from conftest import BUNDLE, TINY_MODEL, _downsampled, nested, root_message, run_workflow
 from monai.bundle import ConfigParser
 
 from monai_dnprd.anomaly_map import ResidualMoments
+from monai_dnprd.config import workflow_configs
 from monai_dnprd.data import attach_exclusions
 from monai_dnprd.io import VolumeError, find_volumes
 from monai_dnprd.losses import daa_loss, soft_mining_cosine_loss, token_keep
@@ -54,6 +55,40 @@ def test_resample_nearest_follows_world_coordinates():
     assert [30 - 14, 2, 8] in hits.tolist()
     world = np.c_[hits, np.ones(len(hits))] @ aff.T
     assert np.all(np.abs(world[:, :3] - [14.0, 2.0, 8.0]) <= 1.0 + 1e-9)
+
+
+def _random_affine(rng: np.random.Generator, oblique: bool) -> np.ndarray:
+    """Voxel->world affine: anisotropic spacing, random flips, a rotation or an axis permutation."""
+    rot = np.linalg.qr(rng.normal(size=(3, 3)))[0] if oblique else np.eye(3)[rng.permutation(3)]
+    spacing = rng.uniform(0.5, 3.0, 3) if oblique else rng.integers(1, 4, 3).astype(float)
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag(rng.choice([-1.0, 1.0], 3)) * spacing
+    aff[:3, 3] = rng.uniform(-20, 20, 3) if oblique else rng.integers(-10, 10, 3) + rng.choice([0.0, 0.5], 3)
+    return aff
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_resample_nearest_equals_scipy_on_rounded_coordinates(oblique):
+    """Reference: scipy's order-0 ``map_coordinates`` at the rounded (half to even) source coordinates, zero outside.
+
+    The axis-aligned case puts grids half a voxel apart (ties), where ``affine_transform(order=0)`` would round up.
+    """
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        src = rng.random(tuple(rng.integers(2, 16, 3))) > 0.5
+        src_aff, aff = _random_affine(rng, oblique), _random_affine(rng, oblique)
+        shape = tuple(int(v) for v in rng.integers(1, 20, 3))
+        # overlap the grids: centre on centre, to the half voxel when axis-aligned
+        shift = (src_aff @ np.r_[(np.array(src.shape) - 1) / 2, 1] - aff @ np.r_[(np.array(shape) - 1) / 2, 1])[:3]
+        aff[:3, 3] += shift + rng.normal(0, 2, 3) if oblique else np.round(2 * shift) / 2
+        grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+        coords = (np.linalg.inv(src_aff) @ aff @ np.c_[grid, np.ones(len(grid))].T)[:3]
+        ref = ndi.map_coordinates(src.astype(np.uint8), np.rint(coords), order=0, mode="grid-constant", cval=0)
+        out = resample_nearest(src, src_aff, shape, aff)
+        assert out.dtype == src.dtype and out.shape == shape
+        assert np.array_equal(out, ref.reshape(shape).astype(bool))
 
 
 def _volume_item(tmp_path, exclusion_box=None, mask_affine=None, mask_shape=None):
@@ -210,16 +245,16 @@ def test_training_with_exclusion_masks(tiny_data, tmp_path):
     out = tmp_path / "train"
     run_workflow("train.json", "training", output_dir=str(out), dataset_dir=str(tiny_data["train"]),
                  val_dir=str(tiny_data["val"]), exclude_dir=str(masks), num_iterations=4, warmup_iterations=2,
-                 val_interval=2, ckpt_interval=2, **TINY_MODEL)
+                 schedule__val_interval=2, schedule__ckpt_interval=2, **TINY_MODEL)
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     shares = [r["excluded_tokens"] for r in log if "excluded_tokens" in r]
     assert shares and max(shares) > 0 and min(shares) < 1
 
     parser = ConfigParser()
-    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.read_config(workflow_configs(BUNDLE, "training"))
     parser.update({"dataset_dir": str(tiny_data["train"]), "val_dir": str(tiny_data["val"]), "exclude_dir": str(masks),
-                   **TINY_MODEL})
-    val_item = parser.get_parsed_content("lists")["val"][0]
+                   **nested(TINY_MODEL)})
+    val_item = parser.get_parsed_content("data#lists")["val"][0]
     with_ex = parser.get_parsed_content("training_preprocessing")(dict(val_item))
     without = parser.get_parsed_content("preprocessing")({k: v for k, v in val_item.items() if k != "exclude"})
     n_excluded = int(np.asarray(without["mask"]).astype(bool).sum() - np.asarray(with_ex["mask"]).astype(bool).sum())

@@ -27,6 +27,7 @@ from monai_dnprd.io import (
     find_volumes,
     prepare_output_dir,
     read_volume,
+    scan_volumes,
     volume_affine_spacing,
     write_csv,
     write_nifti,
@@ -128,6 +129,27 @@ def test_find_volumes_mixed_tree(mixed_tree):
     assert find_volumes(mixed_tree) == (datalist, problems)  # deterministic
 
 
+def test_scan_volumes_counts_the_files_that_are_not_volumes(mixed_tree):
+    scan = scan_volumes(mixed_tree)
+    assert (scan.volumes, scan.problems) == find_volumes(mixed_tree)
+    assert [os.path.relpath(p, mixed_tree) for p in scan.ignored] == [
+        "DICOMDIR", os.path.join("dicom", "patient7", "readme.txt"), "meta.json", "notes.txt", "table.csv", "thumb.png"
+    ]  # hidden files and folders are not counted
+
+
+def test_inference_summary_line_counts_ignored_files(tmp_path, caplog):
+    from monai_dnprd.data import inference_datalist
+
+    for name in ("a.nii.gz", "b.nii.gz"):
+        save_nifti(tmp_path / "in" / name, small())
+    (tmp_path / "in" / "notes.txt").write_text("x")
+    (tmp_path / "in" / "IM0001").write_bytes(b"\0" * 300)  # no extension, not DICOM after all
+    with caplog.at_level(logging.INFO, logger="monai_dnprd"):
+        items = inference_datalist(tmp_path / "in")
+    assert [d["name"] for d in items] == ["a", "b"]
+    assert f"2 volumes found in {tmp_path / 'in'}, 2 files ignored (not volumes: IM0001, notes.txt)" in caplog.messages
+
+
 def test_find_volumes_index_and_dicom_root(tmp_path):
     write_dicom_series(small((5, 5, 3)) * 10, tmp_path / "series_x", affine=np.eye(4))
     datalist, _ = find_volumes(tmp_path / "series_x", index=0)
@@ -184,13 +206,15 @@ def test_find_volumes_lists_broken_files_and_reports_uninspectable(tmp_path, mon
 
 
 def test_find_volumes_empty_and_missing(tmp_path):
+    (tmp_path / ".DS_Store").write_text("x")  # hidden: neither a volume nor an ignored file
     with pytest.raises(VolumeError) as info:
         find_volumes(tmp_path)
-    assert info.value.reason == NOT_FOUND_REASON and str(tmp_path) in str(info.value)
+    assert info.value.reason == f"{NOT_FOUND_REASON}; the folder is empty" and str(tmp_path) in str(info.value)
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "img.png").write_bytes(b"\x89PNG" + b"\0" * 200)
-    with pytest.raises(VolumeError, match="no volumes found"):
+    with pytest.raises(VolumeError) as info:
         find_volumes(tmp_path)
+    assert info.value.reason == f"{NOT_FOUND_REASON}; 2 files ignored (not volumes: img.png, notes.txt)"
     with pytest.raises(VolumeError, match="does not exist"):
         find_volumes(tmp_path / "missing")
     with pytest.raises(VolumeError, match="not a folder"):
@@ -538,6 +562,9 @@ def test_prepare_output_dir(tmp_path):
         prepare_output_dir(blocker / "out")
     with pytest.raises(ValueError, match="cannot create the output folder"):
         prepare_output_dir(blocker)
+    with pytest.raises(VolumeError, match="input folder does not exist") as info:  # refused before making the output
+        prepare_output_dir(tmp_path / "results" / "run2", [tmp_path / "missing"])
+    assert info.value.path == str(tmp_path / "missing") and not (tmp_path / "results" / "run2").exists()
 
 
 def test_prepare_output_dir_unwritable(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, cli_configs
 
 from monai_dnprd.checkpoint import load_checkpoint
 
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.slow
 
 TOTAL = 250  # iterations: ~15 s of training on 2 busy cores at these sizes
 CKPT = 10
-SMALL = ["--img_size", "32", "--patch_size", "8", "--depth", "2", "--batch_size", "4", "--samples_per_volume", "2",
-         "--log_interval", "1", "--num_workers", "0"]
+SMALL = ["--img_size", "32", "--network_def#patch_size", "8", "--network_def#depth", "2", "--batch_size", "4",
+         "--data#samples_per_volume", "2", "--schedule#log_interval", "1", "--num_workers", "0"]
 TEMP_GLOB = ".*.tmp*"  # hidden temporary files of the atomic writers (.name.<random>.tmp[.suffix])
 
 
@@ -66,9 +66,10 @@ def log_rows(path: Path) -> list[dict]:
 
 
 def train_args(tiny_data, out: Path) -> list[str]:
-    return ["training", "--config_file", "bundle/configs/train.json", "--dataset_dir", str(tiny_data["train"]),
+    return ["training", "--config_file", cli_configs("training"), "--dataset_dir", str(tiny_data["train"]),
             "--val_dir", str(tiny_data["val"]), "--output_dir", str(out), "--num_iterations", str(TOTAL),
-            "--warmup_iterations", "2", "--val_interval", str(TOTAL), "--ckpt_interval", str(CKPT), *SMALL]
+            "--warmup_iterations", "2", "--schedule#val_interval", str(TOTAL), "--schedule#ckpt_interval", str(CKPT),
+            *SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def many_inputs(tiny_data, tmp_path_factory) -> Path:
 
 
 def infer_args(model: Path, inp: Path, out: Path, *extra: str) -> list[str]:
-    return ["inference", "--config_file", "bundle/configs/inference.json", "--input_dir", str(inp),
+    return ["inference", "--config_file", cli_configs("inference"), "--input_dir", str(inp),
             "--output_dir", str(out), "--ckpt_path", str(model), "--num_workers", "0", *extra]
 
 

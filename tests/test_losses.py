@@ -1,4 +1,4 @@
-"""Tests for the soft-mining cosine loss, Diversity-Aware Alignment loss, orthogonality and DNPLoss."""
+"""Tests for the soft-mining cosine loss, Diversity-Aware Alignment, the usage-balance term and DNPLoss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from monai_dnprd.losses import DNPLoss, daa_loss, orthogonality_loss, soft_mining_cosine_loss, soft_mining_weights
+from monai_dnprd.losses import (
+    DNPLoss,
+    daa_loss,
+    prototype_balance_loss,
+    soft_mining_cosine_loss,
+    soft_mining_weights,
+)
 from monai_dnprd.networks import DNPOutput
 
 
@@ -107,13 +113,42 @@ def test_daa_gradients_reach_tokens_and_prototypes():
     assert f.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
 
 
-def test_orthogonality():
-    eye = torch.eye(4)[None] * 2.0
-    assert orthogonality_loss(eye).abs().item() < 1e-7
-    same = torch.ones(1, 3, 5)
-    torch.testing.assert_close(orthogonality_loss(same), torch.tensor(1.0))
-    p = torch.tensor([[_unit(0), _unit(60)]])  # cos = 0.5 for both ordered pairs
-    torch.testing.assert_close(orthogonality_loss(p), torch.tensor(0.25))
+def test_balance_zero_for_uniform_use_and_log_m_for_one_prototype():
+    p = torch.tensor([[_unit(0), _unit(120), _unit(240)]])
+    f = torch.tensor([[_unit(0), _unit(120), _unit(240)] * 4])
+    assert prototype_balance_loss(f, p, temperature=0.01).item() < 1e-6
+    torch.testing.assert_close(prototype_balance_loss(f[:, :1].expand(1, 12, 2), p, temperature=0.01),
+                               torch.tensor(math.log(3)), rtol=1e-4, atol=1e-4)
+
+
+def test_emptying_a_prototype_is_not_rewarded():
+    """The literal L_DAA prefers an empty prototype (it adds 0 to the mean over prototypes); the shipped loss,
+    L_DAA with the usage-balance term at the default weights, must not."""
+    f = torch.tensor([[_unit(0)] * 95 + [_unit(40)] * 5])  # 95 tokens in one place, 5 a little apart
+    used = torch.tensor([[_unit(0), _unit(70)]])  # the second prototype takes the 5 tokens
+    emptied = torch.tensor([[_unit(0), _unit(200)]])  # the second prototype is nobody's nearest
+    assert daa_loss(f, emptied) < daa_loss(f, used)  # the flaw of the literal formula
+    loss = DNPLoss()
+
+    def prototype_terms(p: torch.Tensor) -> float:
+        out = DNPOutput(targets=[torch.ones(1, 2, 1, 1)], recons=[torch.ones(1, 2, 1, 1)], prototypes=p, tokens=f,
+                        assignments=torch.zeros(1, 100, dtype=torch.long))
+        res = loss(out)
+        return float(loss.daa_weight * res["daa"] + loss.balance_weight * res["balance"])
+
+    assert prototype_terms(emptied) > prototype_terms(used)
+
+
+def test_balance_keep_and_gradients():
+    f = torch.randn(2, 10, 8, requires_grad=True)
+    p = torch.randn(2, 3, 8, requires_grad=True)
+    keep = torch.ones(2, 10)
+    keep[:, 5:] = 0
+    torch.testing.assert_close(prototype_balance_loss(f, p, keep), prototype_balance_loss(f[:, :5], p))
+    prototype_balance_loss(f, p).backward()
+    assert f.grad.abs().sum() > 0 and p.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        prototype_balance_loss(f, p, temperature=0.0)
 
 
 def test_dnp_loss_combination():
@@ -128,9 +163,38 @@ def test_dnp_loss_combination():
         assignments=torch.zeros(2, 9, dtype=torch.long),
     )
     res = DNPLoss()(out)
-    assert set(res) == {"loss", "sm", "daa", "ortho"}
-    assert res["ortho"].item() == 0.0
-    torch.testing.assert_close(res["loss"], res["sm"] + 0.2 * res["daa"])
-    res2 = DNPLoss(gamma=1.0, daa_weight=0.5, ortho_weight=0.1)(out)
-    assert res2["ortho"].item() > 0
-    torch.testing.assert_close(res2["loss"], res2["sm"] + 0.5 * res2["daa"] + 0.1 * res2["ortho"])
+    assert set(res) == {"loss", "sm", "daa", "balance", "pixel"}
+    assert res["pixel"].item() == 0.0  # no pixel predictions in this output
+    torch.testing.assert_close(res["loss"], res["sm"] + 0.2 * res["daa"] + 1.0 * res["balance"])
+    res2 = DNPLoss(gamma=1.0, daa_weight=0.5, balance_weight=0.0)(out)
+    torch.testing.assert_close(res2["loss"], res2["sm"] + 0.5 * res2["daa"])
+
+
+def test_dnp_loss_hidden_tokens_split_the_terms():
+    """With context-only decoding L_sm reads only the hidden tokens, L_DAA and the balance only the visible ones."""
+    g = torch.Generator().manual_seed(1)
+    t = [torch.randn(1, 8, 2, 2, generator=g)]
+    r = [torch.randn(1, 8, 2, 2, generator=g)]
+    tokens = torch.randn(1, 4, 8, generator=g)
+    protos = torch.randn(1, 3, 8, generator=g)
+    hidden = torch.tensor([[True, False, False, True]])
+    pixels = torch.zeros(1, 4, 5)
+    pixel_targets = torch.tensor([[[1.0] * 5, [7.0] * 5, [7.0] * 5, [3.0] * 5]])  # visible patches do not count
+    out = DNPOutput(targets=t, recons=r, prototypes=protos, tokens=tokens,
+                    assignments=torch.zeros(1, 4, dtype=torch.long), hidden=hidden, pixels=pixels,
+                    pixel_targets=pixel_targets)
+    res = DNPLoss()(out)
+    torch.testing.assert_close(res["pixel"], torch.tensor(2.0))  # mean |error| of the hidden patches: (1 + 3) / 2
+    keep = hidden.float().reshape(1, 1, 2, 2)
+    torch.testing.assert_close(res["sm"], soft_mining_cosine_loss(t, r, keep=keep))
+    torch.testing.assert_close(res["daa"], daa_loss(tokens[:, 1:3], protos))
+    torch.testing.assert_close(res["balance"], prototype_balance_loss(tokens[:, 1:3], protos))
+    # a lesion token that is hidden changes L_sm; once also excluded it changes nothing
+    r2 = [r[0].clone()]
+    r2[0][..., 0, 0] += 5.0
+    out2 = DNPOutput(targets=t, recons=r2, prototypes=protos, tokens=tokens,
+                     assignments=torch.zeros(1, 4, dtype=torch.long), hidden=hidden)
+    assert not torch.isclose(DNPLoss()(out2)["sm"], res["sm"])
+    excl = torch.ones(1, 1, 2, 2)
+    excl[..., 0, 0] = 0
+    torch.testing.assert_close(DNPLoss()(out2, keep=excl)["sm"], DNPLoss()(out, keep=excl)["sm"])

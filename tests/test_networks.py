@@ -21,6 +21,9 @@ from monai_dnprd.networks import (
     make_teacher,
     mim_loss,
     patchify,
+    checkerboard_mask,
+    inference_masks,
+    random_checkerboard_mask,
     random_patch_mask,
 )
 
@@ -94,6 +97,50 @@ def test_dnp_shapes(depth):
     assert int(out.assignments.max()) < 6
 
 
+def test_checkerboard_masks():
+    m = checkerboard_mask((4, 6), 2)
+    assert m.reshape(4, 6).tolist()[0] == [True, True, False, False, True, True]
+    both = inference_masks((5, 7), 2)
+    assert both.shape == (2, 35) and torch.equal(both.sum(0), torch.ones(35, dtype=torch.long))  # each token once
+    r = random_checkerboard_mask(64, (16, 16), 2, generator=torch.Generator().manual_seed(0))
+    assert r.shape == (64, 256) and torch.allclose(r.float().mean(1), torch.full((64,), 0.5), atol=0.07)
+    assert len({tuple(row.tolist()) for row in r}) > 4  # random offsets and parities
+    with pytest.raises(ValueError):
+        checkerboard_mask((4, 4), 0)
+
+
+def test_context_only_reconstruction_never_reads_the_token_itself():
+    """At inference every token is rebuilt from a pass that hid it: changing a patch's pixels leaves that token's
+    reconstruction exactly as it was (an anomaly cannot be copied), while the teacher's target moves."""
+    m = tiny_model(4, mask_block=1).eval()
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., 8:16, 16:24] += 3.0  # token (1, 2) of the 4 x 4 grid
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    for ta, tb, ra, rb in zip(a.targets, b.targets, a.recons, b.recons):
+        torch.testing.assert_close(ra[..., 1, 2], rb[..., 1, 2], rtol=0, atol=1e-5)
+        assert (ta[..., 1, 2] - tb[..., 1, 2]).abs().max() > 1e-3
+        assert (ra - rb).abs().max() > 1e-6  # the other pass did read it, for other tokens
+    torch.testing.assert_close(a.pixels[:, 6], b.pixels[:, 6], rtol=0, atol=1e-5)  # token (1, 2): 1 * 4 + 2
+    assert (a.pixel_targets[:, 6] - b.pixel_targets[:, 6]).abs().max() > 1.0
+
+
+def test_training_pass_hides_the_masked_tokens_and_prototypes_read_the_visible_ones():
+    m = tiny_model(4, mask_block=1)
+    hide = checkerboard_mask((4, 4), 1)[None]
+    x = torch.randn(1, 3, 32, 32)
+    y = x.clone()
+    y[..., 0:8, 0:8] += 3.0  # token (0, 0): hidden by this mask
+    m.eval()
+    with torch.no_grad():
+        a, b = m(x, mask=hide), m(y, mask=hide)
+    torch.testing.assert_close(a.prototypes, b.prototypes)
+    for ra, rb in zip(a.recons, b.recons):
+        torch.testing.assert_close(ra, rb)
+    assert torch.equal(a.hidden, hide)
+
+
 def test_dnp_invalid_sizes():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         DNPConFormer(**{**TINY, "img_size": 30, "depth": 2})
@@ -116,7 +163,7 @@ def test_gradients_reach_trainable_parts_not_teacher():
     assert m.extractor.prototypes.grad is not None and m.extractor.prototypes.grad.abs().sum() > 0
     assert all(not p.requires_grad and p.grad is None for p in m.teacher.parameters())
     groups = m.param_groups()
-    assert set(groups) == {"encoder", "decoder"}
+    assert set(groups) == {"encoder", "decoder", "pixel_head"}
     ids = {id(p) for ps in groups.values() for p in ps}
     assert not ids & {id(p) for p in m.teacher.parameters()}
     trainable = {id(p) for p in m.parameters() if p.requires_grad}
@@ -400,21 +447,3 @@ def test_mim_loss_only_masked_patches():
     # patchify follows the encoder's row-major token order
     img = torch.arange(256.0).reshape(1, 1, 16, 16)
     assert torch.equal(patchify(img, 8)[0, 1], img[0, 0, :8, 8:].reshape(-1))
-
-
-@pytest.mark.parametrize("weight", [0.5, 1.0])
-def test_mim_loss_visible_weight_counts_visible_patches(weight):
-    torch.manual_seed(0)
-    enc = ViTEncoder(img_size=16, patch_size=8, in_channels=1, embed_dim=16, depth=1, num_heads=2)
-    head = MIMHead(16, 8, 1)
-    with torch.no_grad():  # predict 0 everywhere: the loss is a weighted mean |pixel| over the patches
-        head.proj.weight.zero_()
-        head.proj.bias.zero_()
-    x = torch.rand(1, 1, 16, 16)
-    mask = random_patch_mask(1, 4, 0.5, generator=torch.Generator().manual_seed(3)).float()
-    err = patchify(x, 8).abs().mean(-1)
-    expected = (err * (mask + weight * (1 - mask))).sum() / (2 + 2 * weight)
-    got = mim_loss(enc, head, x, 0.5, generator=torch.Generator().manual_seed(3), visible_weight=weight)
-    torch.testing.assert_close(got, expected)
-    with pytest.raises(ValueError, match="visible_weight"):
-        mim_loss(enc, head, x, 0.5, visible_weight=-1.0)

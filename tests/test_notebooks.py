@@ -81,6 +81,7 @@ def test_inspect_model_notebook_takes_the_bundle_chain_for_a_4d_multichannel_mod
     import numpy as np
     import torch
 
+    from monai_dnprd.anomaly_map import AnomalyMapper
     from monai_dnprd.checkpoint import export_model
     from monai_dnprd.demo import prepare_demo_data
     from monai_dnprd.networks import DNPConFormer
@@ -91,9 +92,9 @@ def test_inspect_model_notebook_takes_the_bundle_chain_for_a_4d_multichannel_mod
     nib.save(nib.Nifti1Image(np.stack([x, x.max() - x], -1), src.affine), str(image))  # (X, Y, Z, 2)
     torch.manual_seed(0)
     params = {"modality": "mri", "channels": [1, 0], "k": 1, "img_size": 32, "margin": 4, "spacing": None,
-              "sigma": 1.0, "z_sigma": 1.0, "score_q": 0.01, "polarity": "bright"}
+              "z_sigma": 1.0, "score_q": 0.01, "polarity": "bright"}
     net = DNPConFormer(img_size=32, patch_size=8, in_channels=6, vit="tiny", depth=2, num_prototypes=4)
-    model = export_model(tmp_path / "run" / "models" / "model.pt", net, params)
+    model = export_model(tmp_path / "run" / "models" / "model.pt", AnomalyMapper(net, sigma=1.0), params)
     nb = run_notebook(NOTEBOOKS / "02_inspect_model.ipynb", {"model_path": str(model), "image_paths": [str(image)]},
                       kernel, tmp_path)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

@@ -29,20 +29,27 @@ def test_training_writes_finite_losses_checkpoints_and_calibration(trained):
     assert any("val_voxel_ap" in r for r in log)
     ckpt = load_checkpoint(trained / "models" / "checkpoint.pt")
     assert ckpt["trainer"]["iteration"] == 6
-    assert {"network", "optimizer", "lr_scheduler", "mim_head"} <= set(ckpt)
-    net, info = load_model(trained / "models" / "model.pt")
-    assert info["preprocessing"]["img_size"] == TINY_MODEL["img_size"]
+    assert {"network", "optimizer", "lr_scheduler"} <= set(ckpt)
+    assert any(k.startswith("pixel_head.") for k in ckpt["network"])  # the warm-up's head is part of the network
+    mapper, info = load_model(trained / "models" / "model.pt")
+    assert info["preprocessing"]["img_size"] == TINY_MODEL["img_size"] and "sigma" not in info["preprocessing"]
+    assert info["config"]["network"]["depth"] == TINY_MODEL["network_def__depth"]
+    assert info["config"]["network"]["patch_size"] == TINY_MODEL["network_def__patch_size"]
+    assert info["config"]["sigma"] == 2.0  # the map's blur travels with the mapper
     with torch.no_grad():
-        out = net(torch.rand(2, 3, 32, 32))
+        out = mapper.network(torch.rand(2, 3, 32, 32))
+        maps = mapper(torch.rand(2, 3, 32, 32))
     assert torch.isfinite(out.recons[0]).all()
+    assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all()
     cal = json.loads((trained / "models" / "calibration.json").read_text())
     assert cal["n_volumes"] == 1 and cal["n_voxels"] > 0
-    # the default map's residual statistics were fitted on normal slices before the validation that saved the
-    # best model, and travel with the exported weights
-    assert net.map_metric == "cosine_residual_z" and int(net.residual_tokens) > 0
+    # the default map's statistics were fitted on normal slices before the validation that saved the best model,
+    # and travel with the exported weights
+    assert mapper.metric == "feature_pixel" and int(mapper.fitted_tokens) > 0
     best, _ = load_model(trained / "models" / "model_best.pt")
-    assert int(best.residual_tokens) > 0
-    assert all(not torch.equal(s, torch.ones_like(s)) for _, s in net.residual_stats())
+    assert int(best.fitted_tokens) > 0
+    assert all(not torch.equal(s, torch.ones_like(s)) for _, s in mapper.residual_stats())
+    assert not torch.equal(mapper.map_moments, torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
 
 
 def test_resume_continues_the_iteration_count(trained, tiny_data, tmp_path):
@@ -53,8 +60,8 @@ def test_resume_continues_the_iteration_count(trained, tiny_data, tmp_path):
     before = load_checkpoint(out / "models" / "checkpoint.pt")
     run_workflow(
         "train.json", "training", output_dir=str(out), dataset_dir=str(tiny_data["train"]),
-        val_dir=str(tiny_data["val"]), num_iterations=9, warmup_iterations=2, val_interval=2, ckpt_interval=2,
-        resume="true", **TINY_MODEL,
+        val_dir=str(tiny_data["val"]), num_iterations=9, warmup_iterations=2, schedule__val_interval=2,
+        schedule__ckpt_interval=2, resume="true", **TINY_MODEL,
     )
     after = load_checkpoint(out / "models" / "checkpoint.pt")
     assert after["trainer"]["iteration"] == 9
@@ -129,7 +136,7 @@ def test_training_skips_bad_normal_volumes(tiny_data, tmp_path, capfd):
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 10), np.float32), np.eye(4)), str(train / "constant.nii.gz"))
     out = tmp_path / "run"
     run_workflow("train.json", "training", output_dir=str(out), dataset_dir=str(train), val_dir=str(tiny_data["val"]),
-                 num_iterations=3, warmup_iterations=1, val_interval=2, **TINY_MODEL)
+                 num_iterations=3, warmup_iterations=1, schedule__val_interval=2, **TINY_MODEL)
     assert (out / "models" / "model.pt").is_file()
     captured = capfd.readouterr()
     skipped = [line for line in (captured.out + captured.err).splitlines() if "skipped training volume" in line]
@@ -146,9 +153,9 @@ def test_training_on_one_volume_takes_every_step(tiny_data, tmp_path):
     one.mkdir()
     shutil.copy(sorted(tiny_data["train"].glob("*.nii.gz"))[0], one)
     out = tmp_path / "run"
-    assert TINY_MODEL["samples_per_volume"] < TINY_MODEL["batch_size"]
+    assert TINY_MODEL["data__samples_per_volume"] < TINY_MODEL["batch_size"]
     run_workflow("train.json", "training", output_dir=str(out), dataset_dir=str(one), val_dir=str(tiny_data["val"]),
-                 num_iterations=3, warmup_iterations=1, val_interval=2, **TINY_MODEL)
+                 num_iterations=3, warmup_iterations=1, schedule__val_interval=2, **TINY_MODEL)
     log = read_log(out / "training_log.jsonl")
     assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3]
     assert load_checkpoint(out / "models" / "checkpoint.pt")["trainer"]["iteration"] == 3
@@ -160,22 +167,3 @@ def test_zero_iterations_is_a_clear_error(tiny_data, tmp_path):
         run_workflow("train.json", "training", output_dir=str(tmp_path / "run"), dataset_dir=str(tiny_data["train"]),
                      val_dir=str(tiny_data["val"]), num_iterations=0, warmup_iterations=0, **TINY_MODEL)
     assert "num_iterations must be at least 1" in root_message(err.value)
-
-
-def test_mim_visible_weight_reaches_the_warm_up_loss(tiny_data, tmp_path, monkeypatch):
-    from monai_dnprd.engines import trainer as trainer_module
-
-    weights = []
-    real = trainer_module.mim_loss
-
-    def spy(*args, **kwargs):
-        weights.append(kwargs.get("visible_weight"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "mim_loss", spy)
-    run_workflow(
-        "train.json", "training", output_dir=str(tmp_path / "vw"), dataset_dir=str(tiny_data["train"]),
-        val_dir=str(tiny_data["val"]), num_iterations=3, warmup_iterations=2, val_interval=100, ckpt_interval=100,
-        mim_visible_weight=0.5, **TINY_MODEL,
-    )
-    assert weights == [0.5, 0.5]  # both warm-up steps, none after

@@ -10,9 +10,9 @@ from .handlers import (
     ExportHandler,
     PeriodicValidation,
     ProgressBar,
-    ResidualStatsHandler,
+    MapStatsHandler,
     TrainingLogger,
 )
 from .schedule import build_optimizer, cosine_lr, stage_lambdas
-from .trainer import DNPTrainer, autocast_context
+from .trainer import DNPTrainer
 from .writer import SCORE_FIELDS, InferenceWriter

@@ -17,17 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import EarlyStopHandler
 
-from monai_dnprd.calibration import calibrate, fit_residual_stats
-from monai_dnprd.checkpoint import export_model, load_checkpoint, save_atomic
-from monai_dnprd.data import iter_preprocessed
+from monai_dnprd.calibration import calibrate, fit_map_statistics
+from monai_dnprd.checkpoint import export_model, load_checkpoint, metadata_path, save_atomic
+from monai_dnprd.data import CacheSetting, iter_preprocessed
 from monai_dnprd.distributed import rank
 from monai_dnprd.engines.evaluator import axial_axis
 from monai_dnprd.io.writers import write_text
 from monai_dnprd.metrics import VolumeMetricAccumulator, format_metrics_table
+from monai_dnprd.progress import Progress
 
 __all__ = [
     "ProgressBar",
+    "StepProgress",
     "TrainingLogger",
     "CheckpointHandler",
     "BestModelSaver",
@@ -36,7 +39,7 @@ __all__ = [
     "EarlyStop",
     "PeriodicValidation",
     "AnomalyMetricsHandler",
-    "ResidualStatsHandler",
+    "MapStatsHandler",
 ]
 
 logger = logging.getLogger("monai_dnprd")
@@ -73,6 +76,42 @@ class ProgressBar:
             return {k: output[k] for k in keys if isinstance(output, dict) and k in output}
 
         bar.attach(engine, output_transform=transform if keys else None)
+
+
+class StepProgress:
+    """Progress of each run of an engine over a few long iterations (``monai_dnprd.progress``): a bar with ETA
+    on a terminal, a start and an end line with the duration in logs.
+
+    Starts at EPOCH_STARTED (after STARTED handlers such as ``MapStatsHandler``, which report their own
+    progress) and ends at COMPLETED. A run stopped by an exception is closed as such when the next one starts
+    (no EXCEPTION_RAISED handler: registering one would change how Ignite propagates the error).
+    ``PeriodicValidation`` attaches one to its validator.
+    """
+
+    def __init__(self, desc: str, unit: str = "it") -> None:
+        self.desc = desc
+        self.unit = unit
+        self._progress: Progress | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        engine.add_event_handler(Events.COMPLETED, self._close)
+
+    def _start(self, engine: Engine) -> None:
+        if self._progress is not None and engine.state.epoch > 1:
+            return  # a later epoch of the same run
+        self._close(engine, failed=True)  # left open by a run that raised
+        self._progress = Progress(self.desc, engine.state.epoch_length, self.unit)
+
+    def _update(self, engine: Engine) -> None:
+        if self._progress is not None:
+            self._progress.update()
+
+    def _close(self, engine: Engine, failed: bool = False) -> None:
+        if self._progress is not None:
+            self._progress.close(failed=failed)
+            self._progress = None
 
 
 class TrainingLogger:
@@ -197,38 +236,39 @@ class CheckpointHandler:
 
 
 class BestModelSaver:
-    """Keeps the network with the best validation metric (``key``, higher is better) as an exported model file."""
+    """Keeps the mapper with the best validation metric (``key``, higher is better) as an exported model."""
 
-    def __init__(self, path: str | Path, network: torch.nn.Module, preprocessing: dict, key: str = "voxel_ap") -> None:
+    def __init__(self, path: str | Path, mapper: torch.nn.Module, preprocessing: dict, key: str = "voxel_ap") -> None:
         self.path = Path(path)
-        self.network = network
+        self.mapper = mapper
         self.preprocessing = preprocessing
         self.key = key
         self.best = -math.inf
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
-        if self.path.is_file():  # a resumed run keeps its earlier best
+        meta = metadata_path(self.path)
+        if self.path.is_file() and meta.is_file():  # a resumed run keeps its earlier best
             try:
-                self.best = float(load_checkpoint(self.path).get("metrics", {}).get(self.key, -math.inf))
-            except ValueError:
+                self.best = float(json.loads(meta.read_text()).get("metrics", {}).get(self.key, -math.inf))
+            except (OSError, ValueError):
                 self.best = -math.inf
 
     def _check(self, engine: Engine) -> None:
         value = float(engine.state.metrics.get(self.key, float("nan")))
         if math.isfinite(value) and value > self.best:
             self.best = value
-            metrics = _scalars(engine.state.metrics)
-            export_model(self.path, self.network, self.preprocessing, metrics=metrics)
+            export_model(self.path, self.mapper, self.preprocessing, metrics=_scalars(engine.state.metrics))
             logger.info("new best %s=%.4f -> %s", self.key, value, self.path)
 
 
 class ExportHandler:
-    """At the end of training writes ``model.pt``: the best validated weights if any, else the final ones."""
+    """At the end of training writes ``model.pt`` + ``model.json``: the best validated mapper if any, else the final one."""
 
-    def __init__(self, path: str | Path, network: torch.nn.Module, preprocessing: dict, best_path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path, mapper: torch.nn.Module, preprocessing: dict,
+                 best_path: str | Path | None = None) -> None:
         self.path = Path(path)
-        self.network = network
+        self.mapper = mapper
         self.preprocessing = preprocessing
         self.best_path = Path(best_path) if best_path else None
 
@@ -238,32 +278,38 @@ class ExportHandler:
     def _export(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        if self.best_path is not None and self.best_path.is_file():
+        if self.best_path is not None and self.best_path.is_file() and metadata_path(self.best_path).is_file():
             best = load_checkpoint(self.best_path)
-            export_model(self.path, self.network, self.preprocessing, metrics=best.get("metrics"), state_dict=best["state_dict"])
-            net = self.network.module if hasattr(self.network, "module") else self.network
-            net.load_state_dict(best["state_dict"])  # calibration and anything after use the exported weights
-            logger.info("exported the best validated model (%s) to %s", best.get("metrics"), self.path)
+            metrics = json.loads(metadata_path(self.best_path).read_text()).get("metrics")
+            self.mapper.load_state_dict(best)  # calibration and anything after use the exported weights
+            export_model(self.path, self.mapper, self.preprocessing, metrics=metrics)
+            logger.info("exported the best validated model (%s) to %s", metrics, self.path)
         else:
-            export_model(self.path, self.network, self.preprocessing)
+            export_model(self.path, self.mapper, self.preprocessing)
             logger.info("exported the final model to %s", self.path)
 
 
 class CalibrationHandler:
     """After training, scores the normal validation volumes and stores the normal-score distribution.
 
-    ``datalist`` holds normal volumes (never trained on), preprocessed here with ``preprocessing``; the result
-    goes to ``path`` (JSON, see ``monai_dnprd.calibration``) and inference uses it to set thresholds.
+    ``datalist`` holds normal volumes (never trained on), preprocessed here with ``preprocessing`` (from the
+    on-disk cache when it holds them: ``cache``, ``cache_settings`` and ``num_workers`` as in
+    ``data.iter_preprocessed``); the result goes to ``path`` (JSON, see ``monai_dnprd.calibration``) and
+    inference uses it to set thresholds. Its progress is reported as "calibration".
     """
 
-    def __init__(self, path: str | Path, datalist: Sequence[dict], preprocessing: Callable, network: torch.nn.Module,
-                 inferer: Callable, score_q: float = 0.01) -> None:
+    def __init__(self, path: str | Path, datalist: Sequence[dict], preprocessing: Callable, mapper: torch.nn.Module,
+                 inferer: Callable, score_q: float = 0.01, cache: CacheSetting = None,
+                 cache_settings: dict | None = None, num_workers: int = 0) -> None:
         self.path = Path(path)
         self.datalist = datalist
         self.preprocessing = preprocessing
-        self.network = network
+        self.mapper = mapper
         self.inferer = inferer
         self.score_q = score_q
+        self.cache = cache
+        self.cache_settings = cache_settings
+        self.num_workers = int(num_workers)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self._calibrate)
@@ -271,25 +317,27 @@ class CalibrationHandler:
     def _calibrate(self, engine: Engine) -> None:
         if rank() != 0:
             return
-        volumes = iter_preprocessed(self.datalist, self.preprocessing, what="calibration")  # one at a time
-        cal = calibrate(volumes, self.network, self.inferer, self.score_q)
+        volumes = iter_preprocessed(self.datalist, self.preprocessing, what="calibration", cache=self.cache,
+                                    cache_settings=self.cache_settings, num_workers=self.num_workers,
+                                    desc="calibration")  # one at a time
+        cal = calibrate(volumes, self.mapper, self.inferer, self.score_q)
         cal.save(self.path)
         logger.info("calibration on %d normal volumes: volume score %.4f +- %.4f, voxel threshold at FPR 1%%: %.4f -> %s",
                     cal.volume_scores.size, cal.volume_mean, cal.volume_std, cal.voxel_threshold(0.01), self.path)
 
 
-class ResidualStatsHandler:
-    """Refits the residual maps' normal residual statistics whenever the map is about to be used.
+class MapStatsHandler:
+    """Refits the map's statistics of normal tissue (``fit_map_statistics``) whenever the map is about to be used.
 
     Before every validation run (``evaluator`` STARTED) and at the end of training (before export and
     calibration: list it before those handlers), unless already fitted at this iteration. ``volumes`` are the
-    preprocessed normal training volumes. Does nothing for models with the ``cosine`` map.
+    preprocessed normal training volumes. Does nothing for the paper's ``cosine`` map.
     """
 
-    def __init__(self, network: torch.nn.Module, volumes: Sequence[dict], k: int, img_size: int,
+    def __init__(self, mapper: torch.nn.Module, volumes: Sequence[dict], k: int, img_size: int,
                  evaluator: Engine | None = None, max_slices: int = 256, min_foreground: float = 0.15,
                  batch_size: int = 32) -> None:
-        self.network = network
+        self.mapper = mapper
         self.volumes = volumes
         self.k = int(k)
         self.img_size = int(img_size)
@@ -300,8 +348,7 @@ class ResidualStatsHandler:
         self._fitted_at: int | None = None
 
     def attach(self, engine: Engine) -> None:
-        net = self.network.module if hasattr(self.network, "module") else self.network
-        if getattr(net, "map_metric", "cosine") == "cosine":
+        if not self.mapper.needs_statistics():
             return
         engine.add_event_handler(Events.COMPLETED, self._fit)
         if self.evaluator is not None:
@@ -310,10 +357,10 @@ class ResidualStatsHandler:
     def _fit(self, trainer: Engine) -> None:
         if rank() != 0 or self._fitted_at == trainer.state.iteration:
             return
-        n = fit_residual_stats(self.network, self.volumes, self.k, self.img_size, self.max_slices,
+        n = fit_map_statistics(self.mapper, self.volumes, self.k, self.img_size, self.max_slices,
                                self.min_foreground, self.batch_size)
         self._fitted_at = trainer.state.iteration
-        logger.debug("residual statistics fitted on %d tokens at iteration %d", n, trainer.state.iteration)
+        logger.debug("map statistics fitted on %d tokens at iteration %d", n, trainer.state.iteration)
 
 
 class PeriodicValidation:
@@ -329,6 +376,7 @@ class PeriodicValidation:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._maybe_run)
+        StepProgress("validation", unit="vol").attach(self.validator)
 
     def _maybe_run(self, engine: Engine) -> None:
         if rank() != 0:  # validation has no collective calls: the other ranks go on training meanwhile
@@ -408,8 +456,10 @@ class AnomalyMetricsHandler:
 class EarlyStop:
     """Stops training when the validation metric ``key`` has not improved for ``patience`` validations.
 
-    Attach to the trainer; it watches ``evaluator``. ``patience <= 0`` disables it. The end-of-training
-    handlers (export of the best model, calibration) still run after an early stop.
+    Attach to the trainer; it puts MONAI's ``EarlyStopHandler`` (ignite ``EarlyStopping``) on ``evaluator``,
+    scoring each validation by ``key`` (higher is better, a non-finite value counts as no improvement).
+    ``patience <= 0`` disables it. The end-of-training handlers (export of the best model, calibration) still
+    run after an early stop.
     """
 
     def __init__(self, evaluator: Engine, patience: int = 0, key: str = "voxel_ap", min_delta: float = 0.0) -> None:
@@ -417,20 +467,17 @@ class EarlyStop:
         self.patience = int(patience)
         self.key = key
         self.min_delta = float(min_delta)
-        self.best = -math.inf
-        self.bad = 0
+        self.handler: EarlyStopHandler | None = None
 
     def attach(self, engine: Engine) -> None:
+        """Watch the evaluator's validations and stop ``engine`` (the trainer); nothing when disabled."""
         if self.patience > 0:
-            self.evaluator.add_event_handler(Events.EPOCH_COMPLETED, self._check, engine)
+            # cumulative: a gain counts from the best score so far, not from the previous validation
+            self.handler = EarlyStopHandler(self.patience, self.score, trainer=engine, min_delta=self.min_delta,
+                                            cumulative_delta=True)
+            self.handler.attach(self.evaluator)
 
-    def _check(self, evaluator: Engine, trainer: Engine) -> None:
+    def score(self, evaluator: Engine) -> float:
+        """The validation's ``key`` metric; -inf when missing or not finite."""
         value = float(evaluator.state.metrics.get(self.key, float("nan")))
-        if math.isfinite(value) and value > self.best + self.min_delta:
-            self.best, self.bad = value, 0
-            return
-        self.bad += 1
-        if self.bad >= self.patience:
-            logger.info("early stop at iteration %d: %s has not improved for %d validations (best %.4f)",
-                        trainer.state.iteration, self.key, self.bad, self.best)
-            trainer.terminate()
+        return value if math.isfinite(value) else -math.inf

@@ -32,10 +32,12 @@ def stage_lambdas(
     decoder_lr_min: float,
     mim_lr: float,
 ) -> dict[str, Callable[[int], float]]:
-    """Learning rate per group and iteration: MIM warm-up first (encoder + MIM head), then DNP (encoder + decoder side).
+    """Learning rate per group and iteration: MIM warm-up first (encoder + pixel head), then DNP (all but the teacher).
 
-    During the warm-up the decoder side is frozen (lr 0); afterwards the MIM head is. The encoder trains at
-    ``mim_lr`` (cosine) in the warm-up and at the small constant ``encoder_lr`` in the DNP stage, as in the paper.
+    During the warm-up the decoder side is frozen (lr 0). The encoder trains at ``mim_lr`` (cosine) in the
+    warm-up and at the small constant ``encoder_lr`` in the DNP stage, as in the paper; the pixel head follows
+    ``mim_lr`` in the warm-up and the decoder side's schedule afterwards (it keeps learning context-only
+    inpainting on the hidden tokens).
     """
     dnp_total = max(num_iterations - warmup_iterations, 1)
     lin = max(1, min(warmup_iterations // 10, 100))
@@ -45,21 +47,22 @@ def stage_lambdas(
             return cosine_lr(it, warmup_iterations, mim_lr, mim_lr * 0.05, warmup=lin)
         return encoder_lr
 
-    def mim_head(it: int) -> float:
-        return cosine_lr(it, warmup_iterations, mim_lr, mim_lr * 0.05, warmup=lin) if it < warmup_iterations else 0.0
-
     def decoder(it: int) -> float:
         if it < warmup_iterations:
             return 0.0
         step = it - warmup_iterations
         return cosine_lr(step, dnp_total, decoder_lr, decoder_lr_min, warmup=min(50, dnp_total // 10))
 
-    return {"encoder": encoder, "decoder": decoder, "mim_head": mim_head}
+    def pixel_head(it: int) -> float:
+        if it < warmup_iterations:
+            return cosine_lr(it, warmup_iterations, mim_lr, mim_lr * 0.05, warmup=lin)
+        return decoder(it)
+
+    return {"encoder": encoder, "decoder": decoder, "pixel_head": pixel_head}
 
 
 def build_optimizer(
     network: torch.nn.Module,
-    mim_head: torch.nn.Module | None,
     num_iterations: int,
     warmup_iterations: int = 0,
     encoder_lr: float = 1e-5,
@@ -69,15 +72,9 @@ def build_optimizer(
     weight_decay: float = 1e-4,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over named groups ("encoder", "decoder", "mim_head") and the per-group LambdaLR schedule."""
+    """AdamW over the network's named groups ("encoder", "decoder", "pixel_head") and the per-group LambdaLR schedule."""
     net = network.module if hasattr(network, "module") else network
-    groups = net.param_groups()
-    param_groups = [
-        {"params": groups["encoder"], "lr": 1.0, "name": "encoder"},
-        {"params": groups["decoder"], "lr": 1.0, "name": "decoder"},
-    ]
-    if mim_head is not None:
-        param_groups.append({"params": list(mim_head.parameters()), "lr": 1.0, "name": "mim_head"})
+    param_groups = [{"params": params, "lr": 1.0, "name": name} for name, params in net.param_groups().items()]
     optimizer = torch.optim.AdamW(param_groups, lr=1.0, betas=tuple(betas), weight_decay=weight_decay)
     lambdas = stage_lambdas(num_iterations, warmup_iterations, encoder_lr, decoder_lr, decoder_lr_min, mim_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambdas[g["name"]] for g in param_groups])

@@ -8,7 +8,6 @@ lesions, from exclusion masks) leaves the tokens that touch them out of both sta
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,24 +17,14 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
 from monai_dnprd.anomaly_map import group_feature_spread, prototype_usage
+from monai_dnprd.config import autocast_context
 from monai_dnprd.distributed import average_gradients, is_distributed
 from monai_dnprd.losses import token_keep
 from monai_dnprd.networks.ema import ema_update
+from monai_dnprd.networks.masks import random_checkerboard_mask
 from monai_dnprd.networks.mim import mim_loss
 
-__all__ = ["DNPTrainer", "autocast_context"]
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``precision`` in {"fp32", "bf16", "fp16"}; fp16 only on CUDA, bf16 on CPU or CUDA."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
-    if dtype is torch.float16 and device.type != "cuda":
-        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
-    return torch.autocast(device.type, dtype=dtype)
+__all__ = ["DNPTrainer"]
 
 
 class DNPTrainer(SupervisedTrainer):
@@ -43,10 +32,9 @@ class DNPTrainer(SupervisedTrainer):
 
     Args beyond ``SupervisedTrainer``:
         lr_scheduler: stepped after every optimizer step (iteration-based schedule).
-        warmup_iterations: first iterations train only the encoder with masked-image modelling (``mim_head``).
-        mim_head: the MIM prediction head (needed when ``warmup_iterations > 0``).
+        warmup_iterations: first iterations train only the encoder and the network's pixel head with
+            masked-image modelling.
         mask_ratio: fraction of patches masked in the warm-up.
-        mim_visible_weight: weight of the visible patches in the warm-up loss (0: masked patches only).
         grad_clip: max gradient norm of the decoder-side parameters (paper: 0.1); <= 0 disables.
         precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA, with a gradient scaler).
     """
@@ -56,9 +44,7 @@ class DNPTrainer(SupervisedTrainer):
         *args: Any,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         warmup_iterations: int = 0,
-        mim_head: torch.nn.Module | None = None,
         mask_ratio: float = 0.6,
-        mim_visible_weight: float = 0.0,
         grad_clip: float = 0.1,
         precision: str = "fp32",
         **kwargs: Any,
@@ -68,13 +54,9 @@ class DNPTrainer(SupervisedTrainer):
             raise ValueError(f"num_iterations must be at least 1, got {kwargs['epoch_length']} (nothing would be "
                              "trained, exported or calibrated)")
         super().__init__(*args, **kwargs)
-        if warmup_iterations > 0 and mim_head is None:
-            raise ValueError("warmup_iterations > 0 needs a mim_head")
         self.lr_scheduler = lr_scheduler
         self.warmup_iterations = int(warmup_iterations)
-        self.mim_head = mim_head
         self.mask_ratio = float(mask_ratio)
-        self.mim_visible_weight = float(mim_visible_weight)
         self.grad_clip = float(grad_clip)
         self.precision = precision
         self.grad_scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -89,9 +71,6 @@ class DNPTrainer(SupervisedTrainer):
             raise ValueError("Must provide batch data for current iteration.")
         images = batchdata[Keys.IMAGE] if isinstance(batchdata, dict) else batchdata
         images = torch.as_tensor(images).to(engine.state.device, non_blocking=engine.non_blocking).float()
-        clean = batchdata.get("clean") if isinstance(batchdata, dict) else None  # pseudo-anomaly training
-        if clean is not None:
-            clean = torch.as_tensor(clean).to(images.device, non_blocking=engine.non_blocking).float()
         net = engine._unwrapped()
         exclude = batchdata.get("exclude") if isinstance(batchdata, dict) else None
         keep = None  # tokens of known lesions (exclusion masks) are left out of every loss
@@ -107,17 +86,18 @@ class DNPTrainer(SupervisedTrainer):
             stats["excluded_tokens"] = float(1.0 - keep.mean())  # share of the batch's tokens left out
         with autocast_context(engine.state.device, engine.precision):
             if warmup:
-                engine.mim_head.train()
-                # the warm-up learns normal tissue: from the clean stacks when the student's carry pseudo-anomalies
-                loss = mim_loss(net.encoder, engine.mim_head, images if clean is None else clean,
-                                mask_ratio=engine.mask_ratio, keep=None if keep is None else keep.flatten(1),
-                                visible_weight=engine.mim_visible_weight)
+                loss = mim_loss(net.encoder, net.pixel_head, images,
+                                mask_ratio=engine.mask_ratio, keep=None if keep is None else keep.flatten(1))
                 stats["mim"] = float(loss.detach())
             else:
                 if it == engine.warmup_iterations + 1 and engine.warmup_iterations > 0:
                     ema_update(net.teacher, net.encoder, beta=0.0)  # teacher starts from the warmed-up student
                 net.update_teacher()
-                out = engine.network(images, clean)  # the teacher reads `clean` when given, else `images`
+                hide = None  # context-only decoding: a random block checkerboard of tokens the student does not see
+                if net.mask_block > 0:
+                    grid = (images.shape[-2] // net.encoder.patch_size, images.shape[-1] // net.encoder.patch_size)
+                    hide = random_checkerboard_mask(images.shape[0], grid, net.mask_block, images.device)
+                out = engine.network(images, mask=hide)
                 engine.state.output[Keys.PRED] = out
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
                 losses = engine.loss_function(out) if keep is None else engine.loss_function(out, keep=keep)
@@ -125,7 +105,10 @@ class DNPTrainer(SupervisedTrainer):
                 stats.update({k: float(v.detach()) for k, v in losses.items() if k != "loss"})
                 with torch.no_grad():
                     stats["teacher_spread"] = float(group_feature_spread(out.targets))
-                    assignments = out.assignments if keep is None else out.assignments[keep.flatten(1) > 0]
+                    counted = torch.ones_like(out.assignments, dtype=torch.bool) if hide is None else ~hide
+                    if keep is not None:
+                        counted = counted & (keep.flatten(1) > 0)
+                    assignments = out.assignments[counted]
                     usage = prototype_usage(assignments, out.prototypes.shape[1]).float()
                     stats["prototypes_used"] = float((usage > 0).sum())
                     stats["prototype_max_share"] = float(usage.max() / usage.sum().clamp_min(1))

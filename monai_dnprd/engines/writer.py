@@ -49,6 +49,10 @@ class InferenceWriter:
         self.failures: list[dict] = []
         self._previous = self._read_previous()
 
+    def threshold(self) -> float | None:
+        """The voxel threshold at the run's false-positive rate, or None without a calibration."""
+        return None if self.calibration is None else float(self.calibration.voxel_threshold(self.fpr))
+
     def _read_previous(self) -> dict[str, dict]:
         """Rows of an earlier (interrupted) run in the same folder, kept for volumes not processed again."""
         path = self.output_dir / "scores.csv"

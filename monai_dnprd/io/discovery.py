@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 from collections import defaultdict
+from typing import NamedTuple
 
 import SimpleITK as sitk
 
@@ -82,13 +83,39 @@ def _uid_tail(uid: str) -> str:
     return re.sub(r"\D", "", uid)[-6:] or "series"
 
 
+class VolumeScan(NamedTuple):
+    """What a search of an input folder found: the volumes, the paths it could not inspect, the other files."""
+
+    volumes: list[dict]
+    problems: list[VolumeError]
+    ignored: list[str]  # files that are not volumes (hidden files and folders aside), sorted
+
+
+def ignored_summary(ignored: list[str], examples: int = 3) -> str:
+    """"2 files ignored (not volumes: notes.txt, scan.png)": the count of non-volume files and a few names."""
+    if not ignored:
+        return "0 files ignored"
+    names = [os.path.basename(p) for p in ignored[:examples]] + (["..."] if len(ignored) > examples else [])
+    return f"{len(ignored)} file{'s' if len(ignored) != 1 else ''} ignored (not volumes: {', '.join(names)})"
+
+
 def find_volumes(root: str | os.PathLike, *, index: int | None = None) -> tuple[list[dict], list[VolumeError]]:
-    """Search root recursively. Returns (datalist, problems).
+    """Search root recursively. Returns (datalist, problems); ``scan_volumes`` also lists the ignored files.
 
     datalist entries are {"image": file or DICOM series folder, "name": unique safe name, "series_uid": UID or ""}
     (plus "index" when given), sorted by name. Files with an image suffix are listed even if they may be broken
     (read_volume reports them); a folder of DICOM files gives one entry per SeriesInstanceUID. Directory symlinks
     are followed without loops; a file or folder that cannot be inspected is reported in `problems`.
+    """
+    scan = scan_volumes(root, index=index)
+    return scan.volumes, scan.problems
+
+
+def scan_volumes(root: str | os.PathLike, *, index: int | None = None) -> VolumeScan:
+    """``find_volumes`` that also returns the files it ignored (not volumes), for the run's summary line.
+
+    A missing folder, a file, and a folder without any volume are refused with a one-line ``VolumeError``
+    (an empty folder and one holding only other files are told apart).
     """
     root_str = os.fspath(root)
     if not os.path.exists(root_str):
@@ -98,6 +125,7 @@ def find_volumes(root: str | os.PathLike, *, index: int | None = None) -> tuple[
 
     problems: list[VolumeError] = []
     found: list[dict] = []  # {"image", "series_uid", "base", "rel", "suffix"}
+    ignored: list[str] = []
     seen_dirs: set[str] = set()
     seen_files: set[str] = set()
 
@@ -135,11 +163,15 @@ def find_volumes(root: str | os.PathLike, *, index: int | None = None) -> tuple[
             elif _is_dicom_candidate(name):
                 try:
                     if not os.path.isfile(full) or os.path.getsize(full) == 0:
+                        ignored.append(full)
                         continue
+                    magic = has_dicom_magic(full)
                     dicom_candidates.append(full)
-                    dicom_magic = dicom_magic or has_dicom_magic(full)
+                    dicom_magic = dicom_magic or magic
                 except OSError as err:
                     problems.append(VolumeError(full, f"cannot inspect file: {err.strerror or err}"))
+            else:
+                ignored.append(full)
         if not dicom_candidates:
             continue
         try:
@@ -150,6 +182,8 @@ def find_volumes(root: str | os.PathLike, *, index: int | None = None) -> tuple[
         if not uids:
             if dicom_magic:
                 problems.append(VolumeError(dirpath, "DICOM files found but no readable image series"))
+            else:
+                ignored.extend(dicom_candidates)  # no DICOM after all
             continue
         folder_name = os.path.basename(os.path.normpath(os.path.abspath(dirpath)))
         real_dir = os.path.realpath(dirpath)
@@ -162,15 +196,17 @@ def find_volumes(root: str | os.PathLike, *, index: int | None = None) -> tuple[
             rel = folder_name if rel_dir == os.curdir else os.path.normpath(rel_dir)
             found.append({"image": dirpath, "series_uid": uid, "base": folder_name + tail, "rel": rel + tail})
 
+    ignored.sort()
     if not found:
-        extra = f"; {len(problems)} path(s) could not be inspected" if problems else ""
-        raise VolumeError(root_str, NOT_FOUND_REASON + extra)
+        extra = f"; {ignored_summary(ignored)}" if ignored else ""
+        extra += f"; {len(problems)} path(s) could not be inspected" if problems else ""
+        raise VolumeError(root_str, NOT_FOUND_REASON + (extra or "; the folder is empty"))
 
     datalist = _assign_names(found)
     if index is not None:
         for entry in datalist:
             entry["index"] = index
-    return datalist, problems
+    return VolumeScan(datalist, problems, ignored)
 
 
 def _assign_names(found: list[dict]) -> list[dict]:

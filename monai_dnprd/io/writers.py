@@ -11,6 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .errors import VolumeError
+
 
 def _to_numpy(x) -> np.ndarray:
     """Convert a torch tensor (MetaTensor included) or array-like to a numpy array without importing torch."""
@@ -102,7 +104,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def prepare_output_dir(output_dir: str | os.PathLike, input_dirs: Sequence = ()) -> Path:
     """Create the output folder and return it; refuse one that is (inside) an input folder or is not writable.
 
-    Input paths that are files count by their folder. Errors are ValueError with one line "<path>: <reason>".
+    Input paths that are files count by their folder; a missing input is refused here, before the output folder
+    is made. Errors are ValueError with one line "<path>: <reason>".
     """
     out = Path(output_dir).expanduser()
     out_resolved = Path(os.path.realpath(out))
@@ -110,6 +113,8 @@ def prepare_output_dir(output_dir: str | os.PathLike, input_dirs: Sequence = ())
         if inp is None or str(inp) == "":
             continue
         inp_path = Path(os.path.realpath(Path(inp).expanduser()))
+        if not inp_path.exists():
+            raise VolumeError(str(inp), "input folder does not exist")
         if inp_path.is_file():
             inp_path = inp_path.parent
         if _inside(out_resolved, inp_path):

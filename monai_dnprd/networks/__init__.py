@@ -2,7 +2,8 @@
 
 from .dnp import DNPConFormer, DNPOutput, PrototypeAttentionBlock, PrototypeExtractor
 from .ema import ema_update, make_teacher
-from .mim import MIMHead, mim_loss, patchify, random_patch_mask
+from .masks import checkerboard_mask, inference_masks, random_checkerboard_mask, random_patch_mask
+from .mim import MIMHead, mim_loss, patchify
 from .vit import VIT_PRESETS, ViTEncoder, default_groups, default_taps, load_dinov2_weights
 
 __all__ = [
@@ -21,4 +22,7 @@ __all__ = [
     "mim_loss",
     "patchify",
     "random_patch_mask",
+    "checkerboard_mask",
+    "random_checkerboard_mask",
+    "inference_masks",
 ]

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ema import ema_update, make_teacher
+from .masks import inference_masks
+from .mim import MIMHead, patchify
 from .vit import VIT_PRESETS, Mlp, ViTEncoder, default_groups, default_taps, init_linear_and_norm, load_dinov2_weights
 
 __all__ = ["DNPOutput", "PrototypeExtractor", "PrototypeAttentionBlock", "DNPConFormer"]
 
 logger = logging.getLogger(__name__)
 
-MAP_METRICS = ("cosine", "residual_z", "cosine_residual_z")  # anomaly-map distances, see monai_dnprd.anomaly_map.slice_anomaly_map
 DNP_LN_EPS = 1e-8  # method.md: LayerNorm eps 1e-8 in the DNP parts
 
 
@@ -30,6 +31,9 @@ class DNPOutput:
     prototypes: Tensor  # (B, M, C)
     tokens: Tensor  # (B, N, C): student fused tokens f (mean of taps), input of L_DAA
     assignments: Tensor  # (B, N) long: nearest prototype (cosine) per token
+    hidden: Tensor | None = None  # (B, N) bool: tokens the student did not see (context-only decoding)
+    pixels: Tensor | None = None  # (B, N, p*p*C_in): the pixel head's prediction of each patch (from context)
+    pixel_targets: Tensor | None = None  # (B, N, p*p*C_in): the input patches themselves
 
 
 def _init_dnp(module: nn.Module) -> None:
@@ -55,14 +59,15 @@ class PrototypeExtractor(nn.Module):
         _init_dnp(self)
         nn.init.normal_(self.prototypes)
 
-    def forward(self, f: Tensor) -> Tensor:
-        """(B, N, C) fused tokens -> (B, M, C) prototypes."""
+    def forward(self, f: Tensor, visible: Tensor | None = None) -> Tensor:
+        """(B, N, C) fused tokens -> (B, M, C) prototypes, read from the ``visible`` (B, N) tokens only when given."""
         b, n, c = f.shape
         h = self.num_heads
         p = self.prototypes.expand(b, -1, -1)
         q = self.q(p).reshape(b, -1, h, c // h).transpose(1, 2)
         k, v = self.kv(self.norm_kv(f)).reshape(b, n, 2, h, c // h).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        attn_mask = None if visible is None else visible.bool()[:, None, None, :]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(b, -1, c)
         p = p + self.proj(a)
         return p + self.mlp(self.norm2(p))
 
@@ -122,11 +127,9 @@ class DNPConFormer(nn.Module):
         pretrained: str | None = None,
         mlp_ratio: float = 4.0,
         bottleneck_dropout: float = 0.2,
-        map_metric: str = "cosine",
+        mask_block: int = 2,
     ) -> None:
         super().__init__()
-        if map_metric not in MAP_METRICS:
-            raise ValueError(f"unknown map_metric {map_metric!r}; choose one of {list(MAP_METRICS)}")
         if vit not in VIT_PRESETS:
             raise ValueError(f"unknown vit preset {vit!r}; choose one of {sorted(VIT_PRESETS)}")
         if img_size % patch_size:
@@ -147,9 +150,15 @@ class DNPConFormer(nn.Module):
             img_size=img_size, patch_size=patch_size, in_channels=in_channels, vit=vit, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, num_register_tokens=num_register_tokens, num_prototypes=num_prototypes,
             taps=list(taps), groups=[list(g) for g in groups], ema_beta=ema_beta, pretrained=pretrained,
-            mlp_ratio=mlp_ratio, bottleneck_dropout=bottleneck_dropout, map_metric=map_metric,
+            mlp_ratio=mlp_ratio, bottleneck_dropout=bottleneck_dropout, mask_block=mask_block,
         )
-        self.map_metric = map_metric
+        if mask_block < 0:
+            raise ValueError(f"mask_block must be >= 0 tokens, got {mask_block}")
+        grid = (img_size // patch_size, img_size // patch_size)
+        if mask_block and min(grid) < 2 * mask_block:
+            raise ValueError(f"a {grid[0]}x{grid[1]} token grid is too small for mask_block {mask_block}: a checkerboard "
+                             f"of {mask_block}x{mask_block} blocks needs at least {2 * mask_block} tokens a side")
+        self.mask_block = int(mask_block)
         self.pretrained = pretrained
         self.taps = taps
         self.groups = groups
@@ -171,13 +180,10 @@ class DNPConFormer(nn.Module):
         self.bottleneck = Mlp(embed_dim, 4 * embed_dim, drop=bottleneck_dropout)
         _init_dnp(self.bottleneck)
         self.decoder = nn.ModuleList(PrototypeAttentionBlock(embed_dim, num_heads, mlp_ratio) for _ in taps)
+        # predicts a patch's pixels from the student's last block; trained by the masked-image warm-up and, on the
+        # hidden tokens, during the DNP stage: the context-only intensity expectation of every patch
+        self.pixel_head = MIMHead(embed_dim, patch_size, in_channels)
         self.teacher: ViTEncoder = make_teacher(self.encoder)  # type: ignore[assignment]
-        if map_metric != "cosine":
-            # per group and channel: mean and std of the residual teacher - reconstruction on normal training
-            # slices, fitted after training (``fit_residual_stats``) and saved with the weights
-            stats = torch.stack([torch.zeros(len(groups), embed_dim), torch.ones(len(groups), embed_dim)])
-            self.register_buffer("residual_moments", stats)
-            self.register_buffer("residual_tokens", torch.zeros((), dtype=torch.long))
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -198,7 +204,8 @@ class DNPConFormer(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters split for the optimiser: student encoder vs. decoder side (never the teacher)."""
         decoder = [*self.extractor.parameters(), *self.bottleneck.parameters(), *self.decoder.parameters()]
-        return {"encoder": list(self.encoder.parameters()), "decoder": decoder}
+        return {"encoder": list(self.encoder.parameters()), "decoder": decoder,
+                "pixel_head": list(self.pixel_head.parameters())}
 
     def config(self) -> dict:
         """Constructor kwargs to rebuild the model (`pretrained` is None: the state dict holds the weights)."""
@@ -206,24 +213,6 @@ class DNPConFormer(nn.Module):
         cfg["taps"] = list(cfg["taps"])
         cfg["groups"] = [list(g) for g in cfg["groups"]]
         return cfg
-
-    def residual_stats(self) -> list[tuple[Tensor, Tensor]] | None:
-        """(mean, std) of the normal residual per feature group for the residual maps; None for ``cosine``."""
-        if self.map_metric == "cosine":
-            return None
-        return [(self.residual_moments[0, g], self.residual_moments[1, g]) for g in range(len(self.groups))]
-
-    @torch.no_grad()
-    def set_residual_stats(self, stats: Sequence[tuple[Tensor, Tensor]], n_tokens: int) -> None:
-        """Store fitted residual statistics (one (mean, std) pair per group) in the model's buffers."""
-        if self.map_metric == "cosine":
-            raise ValueError("residual statistics are only used by the residual maps, not map_metric='cosine'")
-        if len(stats) != len(self.groups):
-            raise ValueError(f"{len(stats)} residual statistics for {len(self.groups)} feature groups")
-        for g, (mean, std) in enumerate(stats):
-            self.residual_moments[0, g].copy_(mean)
-            self.residual_moments[1, g].copy_(std)
-        self.residual_tokens.fill_(int(n_tokens))
 
     @staticmethod
     def _grouped(ts: Sequence[Tensor], g: Sequence[int], grid: tuple[int, int]) -> Tensor:
@@ -242,23 +231,52 @@ class DNPConFormer(nn.Module):
         outs = outs[::-1]
         return [self._grouped(outs, g, grid) for g in self.groups]
 
-    def forward(self, x: Tensor, teacher_x: Tensor | None = None) -> DNPOutput:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> DNPOutput:
         """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets.
 
-        ``teacher_x``: the teacher's input when it differs from the student's (the clean images of a denoising
-        DNP stage, where ``x`` carries pseudo-anomalies); ``x`` itself by default.
+        Context-only decoding (``mask_block`` > 0): the student never sees the tokens it rebuilds. ``mask``
+        (B, N) bool hides tokens from the student (their patches are replaced by the mask token); prototypes
+        come from the visible tokens only. Without ``mask`` the two complementary checkerboards of
+        ``inference_masks`` run as two student passes and every token's reconstruction is taken from the pass
+        that hid it, so an anomaly is rebuilt from the normal tissue around it, never from itself.
         """
         hh, ww = x.shape[-2:]
         p = self.encoder.patch_size
         if hh % p or ww % p:
             raise ValueError(f"input size {(hh, ww)} is not a multiple of patch_size {p}")
         grid = (hh // p, ww // p)
-        feats = self.encoder(x, self.taps)
-        f = torch.stack(feats).mean(0)
-        prototypes = self.extractor(f)
-        recons = self.reconstruct(f, prototypes, grid)
         with torch.no_grad():
-            tfeats = self.teacher(x if teacher_x is None else teacher_x, self.taps)
-            assignments = (F.normalize(f, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)).argmax(-1)
+            tfeats = self.teacher(x, self.taps)
         targets = [self._grouped(tfeats, g, grid).detach() for g in self.groups]
-        return DNPOutput(targets=targets, recons=recons, prototypes=prototypes, tokens=f, assignments=assignments)
+        b = x.shape[0]
+        if mask is None and self.mask_block > 0:
+            masks = inference_masks(grid, self.mask_block, x.device)  # (P, N), each token hidden once
+            npass = masks.shape[0]
+            hidden = masks.repeat_interleave(b, 0)  # pass-major (P*B, N)
+            out = self._student(x.repeat(npass, 1, 1, 1), hidden, grid)
+            sel = [hidden[i * b : (i + 1) * b] for i in range(npass)]
+            recons = [sum(r[i * b : (i + 1) * b] * s.reshape(b, 1, *grid) for i, s in enumerate(sel))
+                      for r in out.recons]
+            pick = torch.stack(sel)  # (P, B, N): the pass whose prototypes describe each visible token
+            vis = ~pick
+            tokens = sum(out.tokens[i * b : (i + 1) * b] * vis[i, ..., None] for i in range(npass)) / vis.sum(0)[..., None]
+            assignments = sum(out.assignments[i * b : (i + 1) * b] * vis[i] for i in range(npass)) // vis.sum(0).clamp_min(1)
+            pixels = sum(out.pixels[i * b : (i + 1) * b] * s[..., None] for i, s in enumerate(sel))
+            return DNPOutput(targets=targets, recons=recons, prototypes=out.prototypes[:b], tokens=tokens,
+                             assignments=assignments, hidden=None, pixels=pixels, pixel_targets=out.pixel_targets[:b])
+        out = self._student(x, mask, grid)
+        out.targets = targets
+        return out
+
+    def _student(self, x: Tensor, mask: Tensor | None, grid: tuple[int, int]) -> DNPOutput:
+        """One student pass (``mask`` hides tokens) -> reconstructions, prototypes, tokens; no targets yet."""
+        last = len(self.encoder.blocks) - 1
+        feats = self.encoder(x, [*self.taps, last], mask=mask)
+        f = torch.stack(feats[:-1]).mean(0)
+        prototypes = self.extractor(f, None if mask is None else ~mask)
+        recons = self.reconstruct(f, prototypes, grid)
+        pixels = self.pixel_head(self.encoder.norm(feats[-1]))
+        with torch.no_grad():
+            assignments = (F.normalize(f, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)).argmax(-1)
+        return DNPOutput(targets=[], recons=recons, prototypes=prototypes, tokens=f, assignments=assignments,
+                         hidden=mask, pixels=pixels, pixel_targets=patchify(x, self.encoder.patch_size))

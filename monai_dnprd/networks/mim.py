@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .masks import random_patch_mask
 from .vit import ViTEncoder
 
-__all__ = ["MIMHead", "random_patch_mask", "patchify", "mim_loss"]
+__all__ = ["MIMHead", "patchify", "unpatchify", "patch_l1", "mim_loss"]
 
 
 class MIMHead(nn.Module):
@@ -34,15 +35,25 @@ def patchify(x: Tensor, patch_size: int) -> Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def random_patch_mask(batch: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
-                      generator: torch.Generator | None = None) -> Tensor:
-    """(B, N) bool mask with exactly round(mask_ratio * N) (at least 1) random patches set per image."""
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
-    k = max(1, round(mask_ratio * num_patches))
-    noise = torch.rand(batch, num_patches, generator=generator, device=generator.device if generator else device)
-    ranks = noise.argsort(1).argsort(1)
-    return (ranks < k).to(device)
+def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
+    """(B, N, p*p*C) in ``patchify`` order -> (B, C, h*p, w*p) images; the inverse of ``patchify``."""
+    b, n, d = patches.shape
+    p = patch_size
+    c = d // (p * p)
+    x = patches.reshape(b, grid[0], grid[1], p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, grid[0] * p, grid[1] * p)
+
+
+def patch_l1(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean absolute error over the foreground pixels (target > 0) of each patch, and 1 where a patch has any.
+
+    (B, N, D) x 2 -> (B, N) errors and (B, N) float flags. A patch across the brain's edge is judged on its
+    tissue only, so predicting the boundary's exact place inside a hidden patch is not asked for.
+    """
+    fg = (target > 0).to(pred.dtype)
+    n = fg.sum(-1)
+    err = ((pred - target).abs() * fg).sum(-1) / n.clamp_min(1.0)
+    return err, (n > 0).to(pred.dtype)
 
 
 def mim_loss(
@@ -53,16 +64,12 @@ def mim_loss(
     generator: torch.Generator | None = None,
     normalize_target: bool = False,
     keep: Tensor | None = None,
-    visible_weight: float = 0.0,
 ) -> Tensor:
-    """L1 between predicted and true pixels of randomly masked patches (SimMIM: masked patches only).
+    """L1 between predicted and true pixels of randomly masked patches (SimMIM: masked patches only), on the
+    foreground pixels only (``patch_l1``): the background is known to be 0 and need not be predicted.
 
-    ``visible_weight`` > 0 also asks the visible patches to be rebuilt, with that weight relative to a masked
-    one, so that each token keeps its own patch's content (intensity) besides its context.
     ``keep`` (B, N), 1 = a patch to learn from: patches of known lesions are left out of the loss.
     """
-    if visible_weight < 0:
-        raise ValueError(f"visible_weight must be >= 0, got {visible_weight}")
     b = x.shape[0]
     p = encoder.patch_size
     target = patchify(x, p)
@@ -73,10 +80,8 @@ def mim_loss(
         mu = target.mean(-1, keepdim=True)
         var = target.var(-1, keepdim=True, unbiased=False)
         target = (target - mu) / (var + 1e-6).sqrt()
-    err = (pred - target).abs().mean(-1)
-    m = mask.to(err.dtype)
-    if visible_weight > 0:
-        m = m + visible_weight * (1.0 - m)
+    err, has_fg = patch_l1(pred, target)
+    m = mask.to(err.dtype) * has_fg
     if keep is not None:
         m = m * keep.reshape(m.shape).to(err.dtype)
     return (err * m).sum() / m.sum().clamp_min(1.0)

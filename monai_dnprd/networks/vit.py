@@ -1,4 +1,4 @@
-"""ViT encoder with the DINOv2 layout and parameter names, plus local DINOv2 weight loading."""
+"""ViT encoder with the DINOv2 layout and parameter names, plus DINOv2 weight loading (local file or official name)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VIT_PRESETS", "ViTEncoder", "default_taps", "default_groups", "load_dinov2_weights"]
+__all__ = ["VIT_PRESETS", "ViTEncoder", "default_taps", "default_groups", "load_dinov2_weights", "resolve_pretrained"]
 
 VIT_PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -257,9 +257,29 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return out
 
 
+def resolve_pretrained(encoder: ViTEncoder, name_or_path: str | Path) -> Path:
+    """Checkpoint file for a local path (wins when the file exists) or an official DINOv2 name (cache/download)."""
+    from .pretrained import DINOV2_CHECKPOINTS, check_encoder_fits, fetch_dinov2
+
+    path = Path(name_or_path)
+    key = str(name_or_path)
+    if path.is_file() or key not in DINOV2_CHECKPOINTS:
+        if not path.exists() and not isinstance(name_or_path, Path) and path.suffix == "" and len(path.parts) == 1:
+            raise FileNotFoundError(
+                f"pretrained {key!r}: no such file and not a known DINOv2 name; give a checkpoint path or one of "
+                f"{', '.join(DINOV2_CHECKPOINTS)}"
+            )
+        return path
+    check_encoder_fits(encoder, key)  # before any download
+    return fetch_dinov2(key)
+
+
 def load_dinov2_weights(encoder: ViTEncoder, path: str | Path) -> list[str]:
-    """Load a local DINOv2 ViT checkpoint into `encoder`; returns "missing: key" / "unused: key" strings."""
-    path = Path(path)
+    """Load a DINOv2 ViT checkpoint (local file, or official name such as "dinov2_vits14") into `encoder`.
+
+    Returns "missing: key" / "unused: key" strings for keys that could not be mapped.
+    """
+    path = resolve_pretrained(encoder, path)
     sd = _read_state_dict(path)
     own = encoder.state_dict()
     new: dict[str, Tensor] = {}

@@ -1,5 +1,5 @@
 """Array transforms: foreground mask, intensity normalisation, square padding, 2.5D slice stacks, slice
-resizing, synthetic lesions and training-time pseudo-anomalies.
+resizing and synthetic lesions.
 
 A volume is channel-first ``(C, X, Y, Z)`` (a MONAI ``MetaTensor`` whose ``.affine`` maps voxels to RAS
 world coordinates); masks are ``(1, X, Y, Z)``. Transforms return the same container type they receive
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from monai.config import NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import Pad, Randomizable, Transform
+from monai.utils import convert_to_numpy
 from scipy import ndimage as ndi
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "SliceStack25D",
     "ResizeSlices",
     "SyntheticLesion",
-    "RandPseudoAnomaly",
     "voxel_spacing",
     "slice_foreground_fraction",
     "gather_slice_stacks",
@@ -37,7 +37,7 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _to_numpy(x: Any) -> np.ndarray:
-    """Plain numpy view/copy of a tensor, MetaTensor or array."""
+    """Plain numpy view/copy of a tensor, MetaTensor or array (left for NormalizeForeground; use convert_to_numpy)."""
     if isinstance(x, MetaTensor):
         x = x.as_tensor()
     if isinstance(x, torch.Tensor):
@@ -68,7 +68,7 @@ def _wrap(arr: np.ndarray, like: Any) -> NdarrayOrTensor:
 def voxel_spacing(img: Any, ndim: int = 3) -> np.ndarray:
     """Voxel spacing in mm: column norms of ``affine[:3, :3]``; 1 mm per axis when there is no affine."""
     if isinstance(img, MetaTensor):
-        aff = _to_numpy(img.affine).astype(np.float64)
+        aff = convert_to_numpy(img.affine).astype(np.float64)
         n = min(ndim, aff.shape[0] - 1)
         sp = np.linalg.norm(aff[:n, :n], axis=0)
         if np.all(sp > 0) and n == ndim:
@@ -85,7 +85,7 @@ def _spatial_axis(axis: int, n_spatial: int) -> int:
 
 def slice_foreground_fraction(mask: Any, axis: int = -1) -> np.ndarray:
     """Fraction of each slice along spatial ``axis`` covered by ``mask`` ((1, X, Y, Z) or (X, Y, Z))."""
-    m = _to_numpy(mask)
+    m = convert_to_numpy(mask)
     if m.ndim == 4:
         m = m.any(axis=0) if m.shape[0] > 1 else m[0]
     ax = _spatial_axis(axis, m.ndim)
@@ -155,7 +155,7 @@ class ExclusionMask(Transform):
 
     def __call__(self, img: NdarrayOrTensor, spacing: Sequence[float] | None = None) -> NdarrayOrTensor:
         """(C, X, Y, Z) -> (1, X, Y, Z) float32, 1 = excluded from training."""
-        m = _to_numpy(img)
+        m = convert_to_numpy(img)
         if m.ndim != 4:
             raise ValueError(f"expected a (C, X, Y, Z) mask, got shape {m.shape}")
         sp = np.asarray(spacing if spacing is not None else voxel_spacing(img), dtype=np.float64)
@@ -218,7 +218,7 @@ class ForegroundMask(Transform):
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """Compute the mask of ``img`` (C, X, Y, Z); returns (1, X, Y, Z) uint8 with ``img``'s meta."""
-        x = _to_numpy(img)
+        x = convert_to_numpy(img)
         if x.ndim != 4:
             raise ValueError(f"expected a (C, X, Y, Z) volume, got shape {x.shape}")
         x0 = x[0].astype(np.float64, copy=False)
@@ -298,29 +298,35 @@ def _fill_holes(m: np.ndarray, axis: int | None = None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- normalisation
 class NormalizeForeground(Transform):
-    """Per-channel intensity normalisation to [0, 1] inside the foreground, exactly 0 outside.
+    """Per-channel intensity normalisation inside the foreground, exactly 0 outside.
 
-    MRI: clip to the [lower, upper] percentiles of the foreground values and rescale. CT: fixed HU window
-    ``window=(level, width)``. A constant foreground (or an empty mask) gives all zeros, never NaN.
+    MRI: robust to lesions. The foreground's ``lower`` percentile maps to 0 and its median to 0.5, linearly;
+    nothing is clipped at the top except values past ``max_value`` (4x the median's distance from the low end
+    at the default 2.0). A bright lesion covers a few percent of a brain at most, so it moves the median by
+    well under 1 % and keeps its own contrast, where a clip at a high percentile (which then lies inside the
+    lesion) would rescale the whole volume and flatten the lesion's top. CT: fixed HU window
+    ``window=(level, width)`` to [0, 1]. A constant foreground (or an empty mask) gives all zeros, never NaN.
     """
 
     def __init__(
         self,
         modality: str = "mri",
         lower: float = 0.5,
-        upper: float = 99.5,
+        max_value: float = 2.0,
         window: tuple[float, float] = (40.0, 400.0),
     ) -> None:
         modality = modality.lower()
         if modality not in ("mri", "ct"):
             raise ValueError(f"modality must be 'mri' or 'ct', got {modality!r}")
-        if not 0.0 <= lower < upper <= 100.0:
-            raise ValueError("need 0 <= lower < upper <= 100")
+        if not 0.0 <= lower < 50.0:
+            raise ValueError(f"need 0 <= lower < 50 (a percentile below the median), got {lower}")
+        if max_value <= 0.5:
+            raise ValueError(f"max_value must exceed 0.5 (the median's value), got {max_value}")
         if window[1] <= 0:
             raise ValueError("window width must be > 0")
         self.modality = modality
         self.lower = float(lower)
-        self.upper = float(upper)
+        self.max_value = float(max_value)
         self.window = (float(window[0]), float(window[1]))
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
@@ -335,23 +341,24 @@ class NormalizeForeground(Transform):
                 raise ValueError(f"mask shape {mm.shape} does not match image shape {x.shape}")
         out = np.zeros(x.shape, dtype=np.float32)
         for c in range(x.shape[0]):
-            lo, hi = self._range(x[c], m)
-            if lo is None or not hi - lo > 1e-8 * max(1.0, abs(hi), abs(lo)):
+            lo, scale, top = self._linear(x[c], m)
+            if lo is None or not scale > 1e-8 * max(1.0, abs(lo)):
                 continue  # empty or constant foreground -> zeros
-            out[c] = np.clip((x[c] - lo) / (hi - lo), 0.0, 1.0)
+            out[c] = np.clip((x[c] - lo) / scale, 0.0, top)
         out *= m[None]
         return _wrap(out, img)
 
-    def _range(self, xc: np.ndarray, m: np.ndarray) -> tuple[float | None, float]:
+    def _linear(self, xc: np.ndarray, m: np.ndarray) -> tuple[float | None, float, float]:
+        """(offset, scale, upper bound) of the map (x - offset) / scale."""
         if self.modality == "ct":
             level, width = self.window
-            return level - width / 2.0, level + width / 2.0
+            return level - width / 2.0, width, 1.0
         v = xc[m]
         v = v[np.isfinite(v)]
         if v.size == 0:
-            return None, 0.0
-        lo, hi = np.percentile(v, [self.lower, self.upper])
-        return float(lo), float(hi)
+            return None, 0.0, 0.0
+        lo, med = np.percentile(v, [self.lower, 50.0])
+        return float(lo), 2.0 * float(med - lo), self.max_value
 
 
 # ------------------------------------------------------------------------------------------ square pad
@@ -567,10 +574,10 @@ class SyntheticLesion(Randomizable, Transform):
         self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None, randomize: bool = True
     ) -> tuple[NdarrayOrTensor, NdarrayOrTensor]:
         """Return ``(new_img, lesion)``; ``mask`` (1, X, Y, Z) is the foreground (None: ``img > 0``)."""
-        x = _to_numpy(img).astype(np.float32)
+        x = convert_to_numpy(img).astype(np.float32)
         if x.ndim != 4:
             raise ValueError(f"expected a (C, X, Y, Z) volume, got shape {x.shape}")
-        fg = (x > 0).any(0) if mask is None else (_to_numpy(mask).reshape((-1,) + x.shape[1:]) != 0).any(0)
+        fg = (x > 0).any(0) if mask is None else (convert_to_numpy(mask).reshape((-1,) + x.shape[1:]) != 0).any(0)
         if randomize:
             self.randomize()
         spacing = voxel_spacing(img if isinstance(img, MetaTensor) else mask)
@@ -605,7 +612,7 @@ class SyntheticLesion(Randomizable, Transform):
             cur_box = cur[(slice(None),) + box]
             fg_box = fg[box]
             prop, core = self._propose(kind, cur_box, fg_box, c - lo, spacing, rad, s)
-            prop = np.where(fg_box[None], np.clip(prop, 0.0, 1.0), cur_box)
+            prop = np.where(fg_box[None], np.clip(prop, 0.0, max(1.0, float(cur_box.max()))), cur_box)
             n_core = int(core.sum())
             changed = np.abs(prop - cur_box).max(axis=0) > self.tolerance
             # fraction of the intended core that really changed (tiny lesions without a core: any change)
@@ -671,51 +678,3 @@ class SyntheticLesion(Randomizable, Transform):
         sgn = np.where((sgn < 0) & ~down_ok & up_ok, 1.0, sgn)
         return base + w[None] * mag[None] * sgn, core
 
-
-class RandPseudoAnomaly(Randomizable, Transform):
-    """Paste a soft-edged ellipse of the slice stack's own tissue, taken from another place and rescaled in
-    intensity, into a (C, H, W) slice stack; returns (corrupted, blob weight (1, H, W)).
-
-    For a denoising DNP stage: the student sees the corrupted stack, the teacher the clean one, so the decoder
-    learns to rebuild normal features where the input is not normal instead of copying whatever it sees.
-    Radii are fractions of the slice size, the blob lies in the foreground (centre slice > 0: the normalised
-    background is exactly 0), the same blob covers every channel, and with probability ``1 - prob`` the stack
-    comes back unchanged (a zero blob). ``edge``: width of the blob's linear rim, as a fraction of its radius.
-    """
-
-    def __init__(self, prob: float = 0.5, radius: tuple[float, float] = (0.03, 0.15),
-                 scale: tuple[float, float] = (0.5, 2.0), edge: float = 0.3) -> None:
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"prob must lie in [0, 1], got {prob}")
-        if not 0 < radius[0] <= radius[1] or not 0 < scale[0] <= scale[1] or edge <= 0:
-            raise ValueError(f"radius and scale must be increasing positive pairs and edge > 0, got {radius}, "
-                             f"{scale}, {edge}")
-        self.prob, self.radius, self.scale, self.edge = float(prob), tuple(radius), tuple(scale), float(edge)
-        self._do = False
-
-    def randomize(self, data: Any = None) -> None:
-        self._do = self.R.rand() < self.prob
-
-    def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        x = _to_torch(img).float()
-        if randomize:
-            self.randomize()
-        h, w = x.shape[-2:]
-        blob = torch.zeros(1, h, w, dtype=x.dtype)
-        inside = x[x.shape[0] // 2] > 0
-        fg = torch.nonzero(inside)
-        if not self._do or fg.shape[0] < 2:
-            return x.clone(), blob
-        cy, cx = fg[self.R.randint(fg.shape[0])].tolist()
-        sy, sx = fg[self.R.randint(fg.shape[0])].tolist()
-        ry, rx = (self.R.uniform(*self.radius) * n for n in (h, w))
-        theta = self.R.uniform(0, np.pi)
-        yy, xx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
-        u = ((yy - cy) * np.cos(theta) + (xx - cx) * np.sin(theta)) / ry
-        v = (-(yy - cy) * np.sin(theta) + (xx - cx) * np.cos(theta)) / rx
-        r = (u.square() + v.square()).sqrt()
-        weight = ((1.0 + self.edge - r) / self.edge).clamp(0.0, 1.0)  # 1 inside, a linear rim of width `edge`
-        blob = (weight * inside.to(x.dtype)).unsqueeze(0)
-        factor = float(np.exp(self.R.uniform(*np.log(self.scale))))  # log-uniform: as likely darker as brighter
-        source = torch.roll(x, shifts=(cy - sy, cx - sx), dims=(-2, -1)) * factor  # (sy, sx) lands on (cy, cx)
-        return x * (1.0 - blob) + source * blob, blob

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Padd, Randomizable
+from monai.transforms import InvertibleTransform, MapTransform, Padd, Randomizable, Spacingd
 from monai.transforms.traits import MultiSampleTrait
 from monai.utils import MAX_SEED
 
@@ -20,7 +20,6 @@ from .array import (
     ExclusionMask,
     ForegroundMask,
     NormalizeForeground,
-    RandPseudoAnomaly,
     ResizeSlices,
     SliceStack25D,
     SquarePad,
@@ -35,14 +34,32 @@ from .array import (
 __all__ = [
     "ExclusionMaskd",
     "ForegroundMaskd",
+    "OptionalSpacingd",
     "NormalizeForegroundd",
     "SquarePadd",
     "SliceStack25Dd",
     "ResizeSlicesd",
     "RandSlice25Dd",
     "SyntheticLesiond",
-    "RandPseudoAnomalyd",
 ]
+
+
+class OptionalSpacingd(MapTransform, InvertibleTransform):
+    """MONAI's ``Spacingd`` to ``pixdim`` (mm), or nothing when ``pixdim`` is None (volumes keep their grid).
+
+    Invertible like ``Spacingd`` itself, so ``Invertd`` brings maps back to the input's own grid either way.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", pixdim: Sequence[float] | float | None = None,
+                 mode: str = "bilinear", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spacing = Spacingd(keys, pixdim=pixdim, mode=mode, allow_missing_keys=allow_missing_keys) if pixdim else None
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return dict(data) if self.spacing is None else self.spacing(data)
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        return dict(data) if self.spacing is None else self.spacing.inverse(data)
 
 
 class ForegroundMaskd(MapTransform):
@@ -63,9 +80,14 @@ class ForegroundMaskd(MapTransform):
         largest_component: bool = True,
         allow_missing_keys: bool = False,
         allow_empty: bool = False,
+        modality: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
+        if modality is not None:  # the modality's own rule: Otsu for MRI, the body above -500 HU for CT
+            if modality.lower() not in ("mri", "ct"):
+                raise ValueError(f"modality must be 'mri' or 'ct', got {modality!r}")
+            method, threshold = ("threshold", -500.0) if modality.lower() == "ct" else ("otsu", None)
         self.masker = ForegroundMask(method, threshold, closing_iterations, fill_holes, largest_component)
         self.allow_empty = allow_empty
 
@@ -93,13 +115,13 @@ class NormalizeForegroundd(MapTransform):
         mask_key: str | None = "mask",
         modality: str = "mri",
         lower: float = 0.5,
-        upper: float = 99.5,
+        max_value: float = 2.0,
         window: tuple[float, float] = (40.0, 400.0),
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
-        self.normalizer = NormalizeForeground(modality, lower, upper, window)
+        self.normalizer = NormalizeForeground(modality, lower, max_value, window)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -347,34 +369,3 @@ class SyntheticLesiond(Randomizable, MapTransform):
             d[self.label_key] = label
         return d
 
-
-class RandPseudoAnomalyd(Randomizable, MapTransform):
-    """Dictionary ``RandPseudoAnomaly`` for training slice stacks: keeps the clean stack under ``clean_key``
-    (the teacher's input) and puts the corrupted one under the key (the student's); always writes both, so
-    that batches collate whether or not a stack was corrupted. One key only: ``clean_key`` holds one stack."""
-
-    def __init__(self, keys: KeysCollection = "image", clean_key: str = "clean", prob: float = 0.5,
-                 radius: tuple[float, float] = (0.03, 0.15), scale: tuple[float, float] = (0.5, 2.0),
-                 edge: float = 0.3, allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        if len(self.keys) != 1:
-            raise ValueError(f"RandPseudoAnomalyd takes one key (its clean copy goes to '{clean_key}'), got {self.keys}")
-        self.clean_key = clean_key
-        self.corrupter = RandPseudoAnomaly(prob, radius, scale, edge)
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandPseudoAnomalyd:
-        super().set_random_state(seed, state)
-        self.corrupter.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data: Any = None) -> None:
-        self.corrupter.randomize()
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        for key in self.key_iterator(d):
-            clean = _to_torch(d[key]).float()
-            d[self.clean_key] = clean
-            d[key], _ = self.corrupter(clean, randomize=False)
-        return d

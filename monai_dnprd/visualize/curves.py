@@ -15,7 +15,7 @@ __all__ = ["LOG_NAME", "find_training_log", "read_training_log", "training_curve
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "training_log.jsonl"
-_LOSS_KEYS = ("loss", "mim", "sm", "daa", "ortho")
+_LOSS_KEYS = ("loss", "mim", "sm", "daa", "balance")
 
 
 def find_training_log(log_path_or_dir: str | Path) -> Path:

@@ -187,7 +187,8 @@ class ReportWriter:
     """
 
     def __init__(self, output_dir: str | Path, k: int = 6, max_volumes: int | None = None, dpi: int = 72,
-                 calibration_path: str | Path | None = None, fpr: float = 0.01) -> None:
+                 calibration_path: str | Path | None = None, fpr: float = 0.01, enabled: bool = True) -> None:
+        self.enabled = bool(enabled)  # ``--report false``: attach() then does nothing
         self.threshold: float | None = None
         if calibration_path and Path(calibration_path).is_file():
             try:
@@ -205,9 +206,11 @@ class ReportWriter:
         self._drawn = 0
 
     def attach(self, engine: Any) -> None:
-        """Register on ITERATION_COMPLETED (one picture) and COMPLETED (the index)."""
+        """Register on ITERATION_COMPLETED (one picture) and COMPLETED (the index), unless disabled."""
         from ignite.engine import Events
 
+        if not self.enabled:
+            return
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_volume)
         engine.add_event_handler(Events.COMPLETED, self._on_completed)
 

@@ -409,6 +409,7 @@ def prototype_assignment_map(model: Any, image_slice_stack: Any) -> np.ndarray:
     if x.dim() != 4:
         raise ValueError(f"expected slices (B, C, H, W), got shape {tuple(x.shape)}")
     net = model.module if hasattr(model, "module") else model
+    net = getattr(net, "network", net)  # an AnomalyMapper: its DNP-ConFormer
     size = getattr(getattr(net, "encoder", None), "img_size", None)
     if size is None:
         size = net.config().get("img_size") if hasattr(net, "config") else None

@@ -1,0 +1,46 @@
+"""Token masks: random patch masks for the masked-image warm-up, block checkerboards for context-only decoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["random_patch_mask", "checkerboard_mask", "random_checkerboard_mask", "inference_masks"]
+
+
+def random_patch_mask(batch: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
+                      generator: torch.Generator | None = None) -> Tensor:
+    """(B, N) bool mask with exactly round(mask_ratio * N) (at least 1) random patches set per image."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie in (0, 1), got {mask_ratio}")
+    k = max(1, round(mask_ratio * num_patches))
+    noise = torch.rand(batch, num_patches, generator=generator, device=generator.device if generator else device)
+    ranks = noise.argsort(1).argsort(1)
+    return (ranks < k).to(device)
+
+
+def checkerboard_mask(grid: tuple[int, int], block: int, offset: tuple[int, int] = (0, 0), parity: int = 0,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """(N,) bool: token (i, j) of an h x w grid is set when ((i + oy) // b + (j + ox) // b) % 2 == parity.
+
+    Blocks of b x b tokens alternate like the squares of a chessboard, so every hidden block has visible
+    neighbours on all sides and the two parities together cover the grid exactly once.
+    """
+    if block < 1:
+        raise ValueError(f"mask block must be >= 1 token, got {block}")
+    i = torch.arange(grid[0], device=device)[:, None] + int(offset[0])
+    j = torch.arange(grid[1], device=device)[None, :] + int(offset[1])
+    return (((i // block) + (j // block)) % 2 == int(parity)).reshape(-1)
+
+
+def random_checkerboard_mask(batch: int, grid: tuple[int, int], block: int, device: torch.device | str = "cpu",
+                             generator: torch.Generator | None = None) -> Tensor:
+    """(B, N) bool: a ``checkerboard_mask`` per image with a random offset in [0, b)^2 and a random parity."""
+    draws = torch.randint(0, 2 * block * block, (batch,), generator=generator).tolist()
+    rows = [checkerboard_mask(grid, block, (d // (2 * block), (d // 2) % block), d % 2, device) for d in draws]
+    return torch.stack(rows)
+
+
+def inference_masks(grid: tuple[int, int], block: int, device: torch.device | str = "cpu") -> Tensor:
+    """(2, N) bool: the two parities of the unshifted checkerboard; each token is hidden in exactly one."""
+    return torch.stack([checkerboard_mask(grid, block, (0, 0), p, device) for p in (0, 1)])
