@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _normalised(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
-    """The pipeline's MRI normalisation (foreground percentiles 0.5-99.5 to [0, 1], 0 outside)."""
+    """The pipeline's MRI normalisation (foreground 0.5th percentile to 0, median to 0.5; 0 outside)."""
     from monai_dnprd.transforms import NormalizeForeground
 
     return np.asarray(NormalizeForeground()(x[None], fg[None]))[0]

@@ -2,12 +2,12 @@
 
 With two normal training subjects, one run says little: the same configuration lands anywhere from chance to
 17x chance voxel AP depending on the seed (docs/research_log.md). This script is the measurement behind the
-seed figures in the README: for each seed it runs the bundle's training workflow on the embedded demo data
+demo figures in the README: for each seed it runs the bundle's training workflow on the embedded demo data
 (with optional extra overrides), then its evaluation workflow on the demo test set, and prints one row per seed
 plus the spread.
 
     python bench/demo_seeds.py --seeds 0 1 2 3 4 --out runs/bench_seeds
-    python bench/demo_seeds.py --seeds 0 1 2 --out runs/bench_seeds_mf --extra '{"min_foreground": 0.01}'
+    python bench/demo_seeds.py --seeds 0 1 2 --out runs/bench_seeds_mf --extra '{"data#min_foreground": 0.01}'
 
 A seed whose ``OUT/seed<N>/evaluation/metrics.json`` exists is not run again (``--force`` re-runs it), so an
 interrupted sweep continues where it stopped. Besides the bundle metrics, each row gives ``top1_end``: the share
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="runs/bench_seeds", help="one sub-folder per seed is written here")
     parser.add_argument("--extra", default="{}",
-                        help="JSON dict of extra training overrides, e.g. '{\"patch_size\": 8}'")
+                        help="JSON dict of extra training overrides, e.g. '{\"network_def#patch_size\": 8}'")
     parser.add_argument("--force", action="store_true", help="re-run seeds that already have results")
     args = parser.parse_args(argv)
     extra = json.loads(args.extra)

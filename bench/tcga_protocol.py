@@ -97,7 +97,7 @@ def intensity_surprisal(xn: np.ndarray, normal_values: np.ndarray, bins: int = 6
 def slice_standardised(score: np.ndarray, fg: np.ndarray, axis: int = 2) -> np.ndarray:
     """One-sided robust z-score of a map per axial slice: (m - median) / (median - 25th percentile).
 
-    Analysis only (attempts 2-3 in docs/research_log.md): removes a slice-wide offset of the map, e.g. from anatomy
+    Analysis only (see "Maps and distances" in docs/research_log.md): removes a slice-wide offset of the map, e.g. from anatomy
     levels that the normal training slabs never showed, keeping focal deviations.
     """
     out = np.zeros_like(score, dtype=np.float32)
@@ -115,7 +115,7 @@ def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: lis
               model_map: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Score maps of the baselines on the test volume (original grid), and the optional combined score.
 
-    ``dnp_x_intensity_surprisal`` (attempts 2-3 in docs/research_log.md) multiplies the model's map by the intensity
+    ``dnp_x_intensity_surprisal`` (see "Maps and distances" in docs/research_log.md) multiplies the model's map by the intensity
     surprisal under the normal training intensities: both must be high for a high score.
     """
     x = np.asarray(nib.load(str(test_flair)).dataobj, dtype=np.float32)

@@ -162,14 +162,10 @@ def feature_map(
 
 
 def pixel_error(pixels: Tensor, pixel_targets: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
-    """Absolute error of the predicted patches, mean over the input channels that hold tissue at each pixel:
-    (B, N, p*p*C) x 2 -> (B, h*p, w*p) (0 on background)."""
+    """Absolute error of the predicted patches, mean over the input channels: (B, N, p*p*C) x 2 -> (B, h*p, w*p)."""
     from monai_dnprd.networks.mim import unpatchify
 
-    x = unpatchify(pixel_targets.float(), patch_size, grid)
-    err = unpatchify((pixels.float() - pixel_targets.float()).abs(), patch_size, grid)
-    fg = (x > 0).to(err.dtype)
-    return (err * fg).sum(1) / fg.sum(1).clamp_min(1.0)
+    return unpatchify((pixels.float() - pixel_targets.float()).abs(), patch_size, grid).mean(1)
 
 
 POLARITIES = ("any", "bright", "dark")

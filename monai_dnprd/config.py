@@ -54,12 +54,16 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``precision`` in {"fp32", "bf16", "fp16"}; fp16 only on CUDA, bf16 on CPU or CUDA."""
+    """Autocast for ``precision`` in {"fp32", "bf16", "fp16", "auto"}; fp16 only on CUDA, bf16 on CPU or CUDA;
+    ``auto`` is bf16 on CUDA and fp32 elsewhere (bf16 matrix work is fast on GPUs, slow on most CPUs)."""
+    device = torch.device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+        raise ValueError(f"precision must be 'fp32', 'bf16', 'fp16' or 'auto', got {precision!r}")
     if dtype is torch.float16 and device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
     return torch.autocast(device.type, dtype=dtype)

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .networks.mim import patch_l1
-
 if TYPE_CHECKING:  # pragma: no cover
     from .networks.dnp import DNPOutput
 
@@ -87,7 +85,7 @@ def daa_loss(tokens: Tensor, prototypes: Tensor, keep: Tensor | None = None) -> 
 
 
 def prototype_balance_loss(tokens: Tensor, prototypes: Tensor, keep: Tensor | None = None,
-                           temperature: float = 0.1) -> Tensor:
+                           temperature: float = 0.05) -> Tensor:
     """KL divergence of each image's mean soft prototype assignment from uniform use, averaged over images.
 
     A token's soft assignment is softmax(-(1 - cos(f_n, p_k)) / temperature) over the M prototypes; the term is
@@ -119,7 +117,7 @@ class DNPLoss(nn.Module):
     """
 
     def __init__(self, gamma: float = 3.0, daa_weight: float = 0.2, balance_weight: float = 1.0,
-                 balance_temperature: float = 0.1, pixel_weight: float = 1.0) -> None:
+                 balance_temperature: float = 0.05, pixel_weight: float = 1.0) -> None:
         super().__init__()
         self.gamma = gamma
         self.daa_weight = daa_weight
@@ -146,8 +144,8 @@ class DNPLoss(nn.Module):
                    if self.balance_weight > 0 else sm.new_zeros(()))
         pixel = sm.new_zeros(())
         if self.pixel_weight > 0 and out.pixels is not None and out.hidden is not None:
-            err, has_fg = patch_l1(out.pixels, out.pixel_targets.detach())  # (B, N), tissue pixels only
-            w = sm_keep.flatten(1).to(err.dtype) * has_fg
+            err = (out.pixels - out.pixel_targets.detach()).abs().mean(-1)  # (B, N)
+            w = sm_keep.flatten(1).to(err.dtype)
             pixel = (err * w).sum() / w.sum().clamp_min(1.0)
         loss = sm + self.daa_weight * daa + self.balance_weight * balance + self.pixel_weight * pixel
         return {"loss": loss, "sm": sm, "daa": daa, "balance": balance, "pixel": pixel}

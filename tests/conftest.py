@@ -112,15 +112,17 @@ def cli_configs(run_id: str, *extra: str) -> str:
     return "[" + ",".join(f"'bundle/configs/{n}'" for n in names) + "]"
 
 
-def run_workflow(config: str, run_id: str, **overrides):
+def run_workflow(config: str, run_id: str, extra_configs: tuple[str, ...] | list[str] = (), **overrides):
     """Run one bundle workflow in this process (as ``python -m monai.bundle run`` would), merging the config
-    files the workflow needs (``monai_dnprd.config.workflow_configs``); ``config`` names its own file."""
+    files the workflow needs (``monai_dnprd.config.workflow_configs``) and then ``extra_configs`` (overrides such as
+    ``paper.json``); ``config`` names the workflow's own file."""
     from monai.bundle import ConfigWorkflow
 
     from monai_dnprd.config import workflow_configs
 
     files = workflow_configs(BUNDLE, run_id)
     assert Path(files[-1]).name == config, f"{config} is not the config of workflow {run_id}"
+    files += [str(BUNDLE / "configs" / name) for name in extra_configs]
     overrides = nested(overrides)
     unknown = unknown_overrides(files, overrides)
     assert not unknown, f"overrides {unknown} name no key of {[Path(f).name for f in files]} (renamed or moved?)"

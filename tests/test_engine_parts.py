@@ -172,3 +172,40 @@ def test_early_stop_on_the_validation_voxel_ap():
     assert _early_stop_run([0.1, 0.1005, 0.1008, 0.1009, 0.2], patience=3, min_delta=0.001) == 4
     # min_delta counts from the best score so far: two gains of 0.0006 add up to an improvement
     assert _early_stop_run([0.1, 0.1006, 0.1012, 0.1018, 0.2, 0.2], patience=3, min_delta=0.001) == 6
+
+
+def test_training_logger_warns_on_a_sustained_prototype_collapse(caplog):
+    """One prototype holding most tokens over the whole window warns; the window's means are reported."""
+    import logging
+
+    from monai_dnprd.engines import TrainingLogger
+
+    class _State:
+        def __init__(self) -> None:
+            self.iteration, self.epoch_length, self.max_epochs, self.output = 0, 300, 1, {}
+
+    class _Engine:
+        state = _State()
+
+    log, engine = TrainingLogger(window=10, interval=1000), _Engine()
+    with caplog.at_level(logging.WARNING, logger="monai_dnprd"):
+        for it in range(1, 21):
+            engine.state.iteration = it
+            share = 0.9 if it > 10 else 0.3  # collapsed only in the second window
+            engine.state.output = {"prototype_max_share": share, "prototypes_used": 2.0 if it > 10 else 6.0}
+            log._iteration(engine)
+            if it == 10:
+                assert "prototype collapse" not in caplog.text
+    assert "prototype collapse" in caplog.text
+    assert log.prototype_use() == {"iterations": 10, "max_share": pytest.approx(0.9), "prototypes_used": pytest.approx(2.0)}
+
+
+def test_autocast_auto_is_bf16_on_cuda_only():
+    from monai_dnprd.config import autocast_context
+
+    cpu = autocast_context(torch.device("cpu"), "auto")
+    assert not isinstance(cpu, torch.autocast)  # fp32 on CPU
+    with autocast_context(torch.device("cpu"), "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="'auto'"):
+        autocast_context(torch.device("cpu"), "fp64")

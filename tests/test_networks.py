@@ -149,6 +149,10 @@ def test_dnp_invalid_sizes():
         m(torch.randn(1, 3, 30, 32))
     with pytest.raises(ValueError):
         DNPConFormer(**{**TINY, "depth": 4, "groups": [[0, 1], [1, 2]]})
+    with pytest.raises(ValueError, match="mask_block must be >= 1"):  # context-only decoding is the method
+        DNPConFormer(**{**TINY, "depth": 2, "mask_block": 0})
+    with pytest.raises(ValueError, match="too small for mask_block 3"):  # a 4x4 grid cannot hold 3x3 blocks
+        DNPConFormer(**{**TINY, "depth": 2, "mask_block": 3})
 
 
 def test_gradients_reach_trainable_parts_not_teacher():

@@ -233,3 +233,44 @@ def test_url_table_follows_official_scheme():
     assert [n.split()[0] for n in pt.loadable_names()] == [
         "dinov2_vits14", "dinov2_vits14_reg", "dinov2_vitb14", "dinov2_vitb14_reg"
     ]
+
+
+@pytest.mark.slow
+def test_paper_preset_trains_two_iterations_with_served_dinov2_weights(monkeypatch, server, tmp_path, tiny_data):
+    """paper.json (ViT-S/14, 224 px, DINOv2 by name, no warm-up, bf16 on CUDA) runs on CPU, weights served locally."""
+    import json as _json
+
+    from conftest import run_workflow
+
+    from monai_dnprd.config import workflow_configs
+
+    name = "dinov2_vits14_reg"
+    torch.manual_seed(0)
+    sd = ViTEncoder(img_size=518, patch_size=14, embed_dim=384, depth=12, num_heads=6, num_register_tokens=4,
+                    layerscale_init=1.0).state_dict()  # DINOv2's own 37x37 grid: pos_embed is resized on loading
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    body = buf.getvalue()
+    path = f"/dinov2/dinov2_vits14/{name}4_pretrain.pth"
+    server.files[path] = body
+    spec = pt.Dinov2Checkpoint(url=server.base + path, sha256=hashlib.sha256(body).hexdigest(), embed_dim=384,
+                               depth=12, num_heads=6, num_register_tokens=4)
+    monkeypatch.setitem(pt.DINOV2_CHECKPOINTS, name, spec)
+    preset = _json.loads((Path(workflow_configs(Path(__file__).parents[1] / "bundle", "training")[0]).parent
+                          / "paper.json").read_text())
+    assert preset["pretrained"] == name and preset["img_size"] == 224 and preset["warmup_iterations"] == 0
+    assert preset["precision"] == "auto"  # bf16 autocast on CUDA, fp32 on this CPU
+    out = tmp_path / "paper"
+    run_workflow("train.json", "training", extra_configs=["paper.json"], output_dir=str(out),
+                 dataset_dir=str(tiny_data["train"]), val_dir=str(tiny_data["val"]), num_iterations=2, batch_size=2,
+                 data__samples_per_volume=1, device="cpu")
+    meta = _json.loads((out / "models" / "model.json").read_text())
+    net = meta["config"]["network"]
+    assert (net["vit"], net["patch_size"], net["depth"], net["img_size"]) == ("small", 14, 12, 224)
+    assert meta["config"]["sigma"] == 3.5 and len(server.hits) == 1
+    state = torch.load(out / "models" / "model.pt", weights_only=True)
+    # two steps at the encoder's 1e-5 learning rate leave the served weights all but unchanged
+    torch.testing.assert_close(state["network.encoder.blocks.5.attn.qkv.weight"], sd["blocks.5.attn.qkv.weight"],
+                               atol=1e-3, rtol=0)
+    log = [_json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
+    assert not any("mim" in r for r in log)  # no warm-up with pretrained weights

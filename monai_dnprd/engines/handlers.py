@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,17 +116,24 @@ class StepProgress:
 
 
 class TrainingLogger:
-    """Logs the trainer's scalar outputs (losses, learning rates, collapse monitor) to stdout and TensorBoard.
+    """Logs the trainer's scalar outputs (losses, learning rates, collapse monitors) to stdout and TensorBoard.
 
-    Attach to the trainer; pass ``evaluator`` to also log its metrics after each validation.
+    Attach to the trainer; pass ``evaluator`` to also log its metrics after each validation. Prototype use is
+    watched over the last ``window`` DNP iterations: a warning when one prototype held more than half of the
+    tokens on average (a sustained collapse, not one odd batch), and the window's means at the end of training
+    (``prototype_use`` in ``training_log.jsonl``).
     """
 
-    def __init__(self, log_dir: str | Path | None = None, interval: int = 20, evaluator: Engine | None = None) -> None:
+    def __init__(self, log_dir: str | Path | None = None, interval: int = 20, evaluator: Engine | None = None,
+                 window: int = 100) -> None:
         self.log_dir = Path(log_dir) if log_dir else None
         self.interval = max(1, int(interval))
         self.evaluator = evaluator
         self.writer = None
         self.history: list[dict] = []
+        self.window = max(1, int(window))
+        self._shares: deque[float] = deque(maxlen=self.window)
+        self._used: deque[float] = deque(maxlen=self.window)
 
     def attach(self, engine: Engine) -> None:
         if rank() != 0:
@@ -156,6 +164,21 @@ class TrainingLogger:
             logger.info("iter %d/%d [%s] %s %s", it, engine.state.epoch_length * engine.state.max_epochs, stage, text, lrs)
             if stats.get("teacher_spread", 1.0) < 1e-3:
                 logger.warning("teacher features have almost no spread (%.2e): possible collapse", stats["teacher_spread"])
+        if "prototype_max_share" in stats:
+            self._shares.append(stats["prototype_max_share"])
+            self._used.append(stats.get("prototypes_used", float("nan")))
+            full = len(self._shares) == self.window
+            if full and it % self.window == 0 and sum(self._shares) / self.window > 0.5:
+                logger.warning("prototype collapse: over the last %d iterations one prototype held %.0f%% of the tokens "
+                               "on average (%.1f prototypes in use)", self.window, 100 * sum(self._shares) / self.window,
+                               sum(self._used) / self.window)
+
+    def prototype_use(self) -> dict[str, float] | None:
+        """Means of the prototype monitors over the last ``window`` DNP iterations (None before any)."""
+        if not self._shares:
+            return None
+        n = len(self._shares)
+        return {"iterations": n, "max_share": sum(self._shares) / n, "prototypes_used": sum(self._used) / n}
 
     def _validation(self, evaluator: Engine, trainer: Engine) -> None:
         metrics = _scalars(evaluator.state.metrics)
@@ -174,6 +197,11 @@ class TrainingLogger:
             f.write(json.dumps(record) + "\n")
 
     def _close(self, engine: Engine) -> None:
+        use = self.prototype_use()
+        if use is not None:
+            self._append_jsonl({"iteration": engine.state.iteration, "prototype_use": use})
+            logger.info("prototype use over the last %d DNP iterations: largest share %.2f, %.1f prototypes used",
+                        use["iterations"], use["max_share"], use["prototypes_used"])
         if self.writer is not None:
             self.writer.flush()
 

@@ -36,7 +36,7 @@ class DNPTrainer(SupervisedTrainer):
             masked-image modelling.
         mask_ratio: fraction of patches masked in the warm-up.
         grad_clip: max gradient norm of the decoder-side parameters (paper: 0.1); <= 0 disables.
-        precision: "fp32", "bf16" (CPU or CUDA) or "fp16" (CUDA, with a gradient scaler).
+        precision: "fp32", "bf16" (CPU or CUDA), "fp16" (CUDA, with a gradient scaler) or "auto" (bf16 on CUDA).
     """
 
     def __init__(
@@ -93,10 +93,9 @@ class DNPTrainer(SupervisedTrainer):
                 if it == engine.warmup_iterations + 1 and engine.warmup_iterations > 0:
                     ema_update(net.teacher, net.encoder, beta=0.0)  # teacher starts from the warmed-up student
                 net.update_teacher()
-                hide = None  # context-only decoding: a random block checkerboard of tokens the student does not see
-                if net.mask_block > 0:
-                    grid = (images.shape[-2] // net.encoder.patch_size, images.shape[-1] // net.encoder.patch_size)
-                    hide = random_checkerboard_mask(images.shape[0], grid, net.mask_block, images.device)
+                # context-only decoding: a random block checkerboard of tokens the student does not see
+                grid = (images.shape[-2] // net.encoder.patch_size, images.shape[-1] // net.encoder.patch_size)
+                hide = random_checkerboard_mask(images.shape[0], grid, net.mask_block, images.device)
                 out = engine.network(images, mask=hide)
                 engine.state.output[Keys.PRED] = out
                 engine.fire_event(IterationEvents.FORWARD_COMPLETED)
@@ -105,7 +104,7 @@ class DNPTrainer(SupervisedTrainer):
                 stats.update({k: float(v.detach()) for k, v in losses.items() if k != "loss"})
                 with torch.no_grad():
                     stats["teacher_spread"] = float(group_feature_spread(out.targets))
-                    counted = torch.ones_like(out.assignments, dtype=torch.bool) if hide is None else ~hide
+                    counted = ~hide
                     if keep is not None:
                         counted = counted & (keep.flatten(1) > 0)
                     assignments = out.assignments[counted]

@@ -152,10 +152,10 @@ class DNPConFormer(nn.Module):
             taps=list(taps), groups=[list(g) for g in groups], ema_beta=ema_beta, pretrained=pretrained,
             mlp_ratio=mlp_ratio, bottleneck_dropout=bottleneck_dropout, mask_block=mask_block,
         )
-        if mask_block < 0:
-            raise ValueError(f"mask_block must be >= 0 tokens, got {mask_block}")
+        if mask_block < 1:
+            raise ValueError(f"mask_block must be >= 1 token (context-only decoding), got {mask_block}")
         grid = (img_size // patch_size, img_size // patch_size)
-        if mask_block and min(grid) < 2 * mask_block:
+        if min(grid) < 2 * mask_block:
             raise ValueError(f"a {grid[0]}x{grid[1]} token grid is too small for mask_block {mask_block}: a checkerboard "
                              f"of {mask_block}x{mask_block} blocks needs at least {2 * mask_block} tokens a side")
         self.mask_block = int(mask_block)
@@ -234,7 +234,7 @@ class DNPConFormer(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> DNPOutput:
         """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets.
 
-        Context-only decoding (``mask_block`` > 0): the student never sees the tokens it rebuilds. ``mask``
+        Context-only decoding: the student never sees the tokens it rebuilds. ``mask``
         (B, N) bool hides tokens from the student (their patches are replaced by the mask token); prototypes
         come from the visible tokens only. Without ``mask`` the two complementary checkerboards of
         ``inference_masks`` run as two student passes and every token's reconstruction is taken from the pass
@@ -249,7 +249,7 @@ class DNPConFormer(nn.Module):
             tfeats = self.teacher(x, self.taps)
         targets = [self._grouped(tfeats, g, grid).detach() for g in self.groups]
         b = x.shape[0]
-        if mask is None and self.mask_block > 0:
+        if mask is None:
             masks = inference_masks(grid, self.mask_block, x.device)  # (P, N), each token hidden once
             npass = masks.shape[0]
             hidden = masks.repeat_interleave(b, 0)  # pass-major (P*B, N)

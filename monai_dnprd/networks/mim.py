@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .masks import random_patch_mask
 from .vit import ViTEncoder
 
-__all__ = ["MIMHead", "patchify", "unpatchify", "patch_l1", "mim_loss"]
+__all__ = ["MIMHead", "patchify", "unpatchify", "mim_loss"]
 
 
 class MIMHead(nn.Module):
@@ -44,18 +44,6 @@ def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int]) -> Tenso
     return x.reshape(b, c, grid[0] * p, grid[1] * p)
 
 
-def patch_l1(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean absolute error over the foreground pixels (target > 0) of each patch, and 1 where a patch has any.
-
-    (B, N, D) x 2 -> (B, N) errors and (B, N) float flags. A patch across the brain's edge is judged on its
-    tissue only, so predicting the boundary's exact place inside a hidden patch is not asked for.
-    """
-    fg = (target > 0).to(pred.dtype)
-    n = fg.sum(-1)
-    err = ((pred - target).abs() * fg).sum(-1) / n.clamp_min(1.0)
-    return err, (n > 0).to(pred.dtype)
-
-
 def mim_loss(
     encoder: ViTEncoder,
     head: MIMHead,
@@ -65,8 +53,7 @@ def mim_loss(
     normalize_target: bool = False,
     keep: Tensor | None = None,
 ) -> Tensor:
-    """L1 between predicted and true pixels of randomly masked patches (SimMIM: masked patches only), on the
-    foreground pixels only (``patch_l1``): the background is known to be 0 and need not be predicted.
+    """L1 between predicted and true pixels of randomly masked patches (SimMIM: masked patches only).
 
     ``keep`` (B, N), 1 = a patch to learn from: patches of known lesions are left out of the loss.
     """
@@ -80,8 +67,8 @@ def mim_loss(
         mu = target.mean(-1, keepdim=True)
         var = target.var(-1, keepdim=True, unbiased=False)
         target = (target - mu) / (var + 1e-6).sqrt()
-    err, has_fg = patch_l1(pred, target)
-    m = mask.to(err.dtype) * has_fg
+    err = (pred - target).abs().mean(-1)
+    m = mask.to(err.dtype)
     if keep is not None:
         m = m * keep.reshape(m.shape).to(err.dtype)
     return (err * m).sum() / m.sum().clamp_min(1.0)

@@ -1,0 +1,106 @@
+"""Probe: the same trained model scored with other map settings, the map's statistics refitted first.
+
+Changes only inference (the map's metric, or the pixel error's form), refits the map's normal statistics on
+the given normal training volumes, and scores a labelled test folder (pooled voxel and slice metrics), so a
+map idea can be tried without training again. Variants: ``default`` (the model's own), ``cosine_residual_z`` and
+``cosine`` (feature maps), ``tissue`` (pixel error on tissue pixels only), ``patch_mean`` (error of each patch's
+mean), ``blurred`` (error of the blurred signed difference).
+
+    python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
+        --variants default tissue patch_mean
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import monai_dnprd.anomaly_map as am
+from monai_dnprd.networks.mim import unpatchify
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tissue_error(pixels, targets, p, grid):
+    """Mean absolute error over the input channels that hold tissue at each pixel (0 on background)."""
+    x, e = unpatchify(targets.float(), p, grid), unpatchify((pixels.float() - targets.float()).abs(), p, grid)
+    fg = (x > 0).float()
+    return (e * fg).sum(1) / fg.sum(1).clamp_min(1.0)
+
+
+def patch_mean_error(pixels, targets, p, grid):
+    """|mean predicted - mean true| of each patch, upsampled bilinearly to the pixel grid."""
+    d = (pixels.float() - targets.float()).mean(-1).abs().reshape(-1, 1, *grid)
+    return F.interpolate(d, scale_factor=p, mode="bilinear", align_corners=False)[:, 0]
+
+
+def blurred_error(pixels, targets, p, grid):
+    """|blur(true - predicted)| with a Gaussian of half a patch, mean over channels."""
+    d = unpatchify(targets.float() - pixels.float(), p, grid).mean(1, keepdim=True)
+    return am.gaussian_blur2d(d, p / 2).abs()[:, 0]
+
+
+PIXEL_ERRORS = {"tissue": tissue_error, "patch_mean": patch_mean_error, "blurred": blurred_error}
+
+
+def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
+    """Pooled voxel / slice metrics of one variant on the test folder (maps on each input's own grid)."""
+    from monai.bundle import ConfigParser
+
+    from monai_dnprd.calibration import fit_map_statistics
+    from monai_dnprd.checkpoint import load_model
+    from monai_dnprd.config import workflow_configs
+    from monai_dnprd.inferer import DNPVolumeInferer
+    from monai_dnprd.metrics import VolumeMetricAccumulator
+
+    original = am.pixel_error
+    am.pixel_error = PIXEL_ERRORS.get(variant, original)
+    try:
+        mapper, meta = load_model(ckpt)
+        if variant in ("cosine_residual_z", "cosine"):
+            mapper.metric = variant
+        prm = meta["preprocessing"]
+        parser = ConfigParser()
+        parser.read_config(workflow_configs(REPO / "bundle", "inference"))
+        parser.update({"ckpt_path": ckpt})
+        pre, inverse = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inverse")
+        fit_map_statistics(mapper, [pre({"image": f}) for f in sorted(glob.glob(f"{train}/*.nii.gz"))], prm["k"],
+                           prm["img_size"])
+        inferer = DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"])
+        acc = VolumeMetricAccumulator(axis=2)
+        for f in sorted(glob.glob(f"{test}/*.nii.gz")):
+            d = pre({"image": f})
+            out = inverse({**d, "pred": inferer(d["image"], mapper, mask=d["mask"])})
+            label = np.asarray(nib.load(f"{labels}/{Path(f).name}").dataobj) > 0
+            acc.add(Path(f).name, np.asarray(out["pred"][0]), label=label, mask=np.asarray(out["mask"][0]) > 0)
+        r = acc.compute()
+    finally:
+        am.pixel_error = original
+    return {"voxel_ap": r["voxel"]["ap"], "voxel_auroc": r["voxel"]["auroc"], "best_dice": r["voxel"]["best_dice"],
+            "slice_auroc": r["slice"]["auroc"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--train", required=True, help="normal training volumes (to refit the map statistics)")
+    ap.add_argument("--test", required=True)
+    ap.add_argument("--labels", required=True)
+    ap.add_argument("--variants", nargs="+", default=["default"],
+                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS])
+    args = ap.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    for v in args.variants:
+        r = score(args.ckpt, v, args.train, args.test, args.labels)
+        print(f"{v}: voxel AP {r['voxel_ap']:.4f} AUROC {r['voxel_auroc']:.3f} best Dice {r['best_dice']:.3f} "
+              f"slice AUROC {r['slice_auroc']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
