@@ -19,6 +19,12 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/dicom_utils.py
 
+# pytest-xdist (setup.cfg runs one worker per core): share the cores among the workers, in this process and in
+# the CLI subprocesses the tests start, instead of every worker spinning two OpenMP threads per core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def _downsampled(name: str, step: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """A demo brain at 1/step resolution (a 120x120x90 volume becomes 40x40x30): real anatomy, tiny cost."""

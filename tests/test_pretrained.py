@@ -263,7 +263,7 @@ def test_paper_preset_trains_two_iterations_with_served_dinov2_weights(monkeypat
     out = tmp_path / "paper"
     run_workflow("train.json", "training", extra_configs=["paper.json"], output_dir=str(out),
                  dataset_dir=str(tiny_data["train"]), val_dir=str(tiny_data["val"]), num_iterations=2, batch_size=2,
-                 data__samples_per_volume=1, device="cpu")
+                 data__samples_per_volume=1, map__fit_slices=8, device="cpu")
     meta = _json.loads((out / "models" / "model.json").read_text())
     net = meta["config"]["network"]
     assert (net["vit"], net["patch_size"], net["depth"], net["img_size"]) == ("small", 14, 12, 224)

@@ -4,7 +4,7 @@ Changes only inference (the map's metric, or the pixel error's form), refits the
 the given normal training volumes, and scores a labelled test folder (pooled voxel and slice metrics), so a
 map idea can be tried without training again. Variants: ``default`` (the model's own), ``cosine_residual_z`` and
 ``cosine`` (feature maps), ``tissue`` (pixel error on tissue pixels only), ``patch_mean`` (error of each patch's
-mean), ``blurred`` (error of the blurred signed difference).
+mean), ``blurred`` (error of the blurred signed difference), ``texture`` (error over the patch's intensity std).
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
         --variants default tissue patch_mean
@@ -46,7 +46,16 @@ def blurred_error(pixels, targets, p, grid):
     return am.gaussian_blur2d(d, p / 2).abs()[:, 0]
 
 
-PIXEL_ERRORS = {"tissue": tissue_error, "patch_mean": patch_mean_error, "blurred": blurred_error}
+def texture_error(pixels, targets, p, grid, eps: float = 0.05):
+    """Absolute error divided by the intensity std of the true patch (+ ``eps``): the error relative to the
+    patch's own texture, so that cortex and the brain's edge (textured, hard to predict) no longer outrank a
+    flat but wrong patch. Mean over the input channels."""
+    t = targets.float()
+    return unpatchify((pixels.float() - t).abs() / (t.std(-1, keepdim=True) + eps), p, grid).mean(1)
+
+
+PIXEL_ERRORS = {"tissue": tissue_error, "patch_mean": patch_mean_error, "blurred": blurred_error,
+                "texture": texture_error}
 
 
 def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
