@@ -11,56 +11,33 @@ scores the trained model on it next to the original volume. Works on a folder wr
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from map_variants import inference_pipeline
+
+from monai_dnprd.metrics import average_precision
 
 LANDMARKS = (1, 5, 10, 25, 50, 75, 90)
-REPO = Path(__file__).resolve().parents[2]
 
 
-def standardise(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``image``'s foreground (> 0) mapped so that its ``LANDMARKS`` percentiles land on ``reference`` (same
-    percentiles of the training foreground); linear beyond the end landmarks; background stays 0."""
-    fg = image > 0
-    src = np.percentile(image[fg], LANDMARKS)
-    out = np.interp(image, src, reference)
-    low = (reference[1] - reference[0]) / (src[1] - src[0])
-    high = (reference[-1] - reference[-2]) / (src[-1] - src[-2])
-    out = np.where(image < src[0], reference[0] + (image - src[0]) * low, out)
-    out = np.where(image > src[-1], reference[-1] + (image - src[-1]) * high, out)
-    return np.where(fg, np.maximum(out, 1e-3), 0.0).astype(np.float32)
+def landmarks(image: np.ndarray) -> np.ndarray:
+    """The ``LANDMARKS`` percentiles of the foreground (> 0) of one or more volumes."""
+    return np.percentile(image[image > 0], LANDMARKS)
 
 
-def voxel_ap(run: Path, image: np.ndarray, affine: np.ndarray) -> float:
-    """Voxel AP inside the brain of the run's model on ``image`` (the bundle's inference preprocessing)."""
-    import tempfile
-
-    from monai.bundle import ConfigParser
-
-    from monai_dnprd.checkpoint import load_model
-    from monai_dnprd.config import workflow_configs
-    from monai_dnprd.inferer import DNPVolumeInferer
-    from monai_dnprd.metrics import average_precision
-
-    ckpt = str(run / "train" / "models" / "model.pt")
-    mapper, meta = load_model(ckpt)
-    prm = meta["preprocessing"]
-    parser = ConfigParser()
-    parser.read_config(workflow_configs(REPO / "bundle", "inference"))
-    parser.update({"ckpt_path": ckpt})
-    pre, inverse = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inverse")
-    inferer = DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/case.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), path)
-        d = pre({"image": path})
-        out = inverse({**d, "pred": inferer(d["image"], mapper, mask=d["mask"])})
-    label = np.asarray(nib.load(str(run / "labels" / "case.nii.gz")).dataobj) > 0
-    brain = image > 0
-    return average_precision(np.asarray(out["pred"][0])[brain], label[brain])
+def standardise(image: np.ndarray, source: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``image``'s foreground moved so that its landmarks ``source`` land on ``reference``: piecewise linear,
+    extended linearly beyond the end landmarks; background stays 0."""
+    out = np.interp(image, source, reference)
+    low = (reference[1] - reference[0]) / (source[1] - source[0])
+    high = (reference[-1] - reference[-2]) / (source[-1] - source[-2])
+    out = np.where(image < source[0], reference[0] + (image - source[0]) * low, out)
+    out = np.where(image > source[-1], reference[-1] + (image - source[-1]) * high, out)
+    return np.where(image > 0, np.maximum(out, 1e-3), 0.0).astype(np.float32)
 
 
 def main() -> None:
@@ -69,16 +46,27 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for run in args.runs:
-        train = np.concatenate([(lambda a: a[a > 0])(np.asarray(nib.load(str(f)).dataobj, dtype=np.float32))
-                                for f in sorted((run / "normal").glob("*.nii.gz"))])
-        reference = np.percentile(train, LANDMARKS)
+        mapper, _, pre, inverse, inferer = inference_pipeline(str(run / "train" / "models" / "model.pt"))
+        label = np.asarray(nib.load(str(run / "labels" / "case.nii.gz")).dataobj) > 0
+
+        def voxel_ap(image: np.ndarray, affine: np.ndarray) -> float:
+            """Voxel AP inside the brain (> 0) of the model's map of ``image``, mapped as ``run inference`` does."""
+            with tempfile.TemporaryDirectory() as tmp:
+                nib.save(nib.Nifti1Image(image, affine), f"{tmp}/case.nii.gz")
+                d = pre({"image": f"{tmp}/case.nii.gz"})
+                out = inverse({**d, "pred": inferer(d["image"], mapper, mask=d["mask"])})
+            brain = image > 0
+            return average_precision(np.asarray(out["pred"][0])[brain], label[brain])
+
+        reference = landmarks(np.concatenate([np.asarray(nib.load(str(f)).dataobj, dtype=np.float32).ravel()
+                                              for f in sorted((run / "normal").glob("*.nii.gz"))]))
         test = nib.load(str(run / "test" / "case.nii.gz"))
         image = np.asarray(test.dataobj, dtype=np.float32)
-        src = np.percentile(image[image > 0], LANDMARKS)
+        source = landmarks(image)
         print(f"{run}: landmarks / median, training {np.round(reference / reference[4], 2)}, "
-              f"test {np.round(src / src[4], 2)}")
-        print(f"  voxel AP original {voxel_ap(run, image, test.affine):.3f}, "
-              f"standardised {voxel_ap(run, standardise(image, reference), test.affine):.3f}", flush=True)
+              f"test {np.round(source / source[4], 2)}")
+        print(f"  voxel AP original {voxel_ap(image, test.affine):.3f}, "
+              f"standardised {voxel_ap(standardise(image, source, reference), test.affine):.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,30 +58,37 @@ PIXEL_ERRORS = {"tissue": tissue_error, "patch_mean": patch_mean_error, "blurred
                 "texture": texture_error}
 
 
-def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
-    """Pooled voxel / slice metrics of one variant on the test folder (maps on each input's own grid)."""
+def inference_pipeline(ckpt: str):
+    """A trained model with the bundle's inference preprocessing: (mapper, preprocessing parameters,
+    preprocessing, inverse, volume inferer), so that a probe maps volumes as ``run inference`` does."""
     from monai.bundle import ConfigParser
 
-    from monai_dnprd.calibration import fit_map_statistics
     from monai_dnprd.checkpoint import load_model
     from monai_dnprd.config import workflow_configs
     from monai_dnprd.inferer import DNPVolumeInferer
+
+    mapper, meta = load_model(ckpt)
+    prm = meta["preprocessing"]
+    parser = ConfigParser()
+    parser.read_config(workflow_configs(REPO / "bundle", "inference"))
+    parser.update({"ckpt_path": ckpt})
+    pre, inverse = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inverse")
+    return mapper, prm, pre, inverse, DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"])
+
+
+def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
+    """Pooled voxel / slice metrics of one variant on the test folder (maps on each input's own grid)."""
+    from monai_dnprd.calibration import fit_map_statistics
     from monai_dnprd.metrics import VolumeMetricAccumulator
 
     original = am.pixel_error
     am.pixel_error = PIXEL_ERRORS.get(variant, original)
     try:
-        mapper, meta = load_model(ckpt)
+        mapper, prm, pre, inverse, inferer = inference_pipeline(ckpt)
         if variant in ("cosine_residual_z", "cosine"):
             mapper.metric = variant
-        prm = meta["preprocessing"]
-        parser = ConfigParser()
-        parser.read_config(workflow_configs(REPO / "bundle", "inference"))
-        parser.update({"ckpt_path": ckpt})
-        pre, inverse = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inverse")
         fit_map_statistics(mapper, [pre({"image": f}) for f in sorted(glob.glob(f"{train}/*.nii.gz"))], prm["k"],
                            prm["img_size"])
-        inferer = DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"])
         acc = VolumeMetricAccumulator(axis=2)
         for f in sorted(glob.glob(f"{test}/*.nii.gz")):
             d = pre({"image": f})
