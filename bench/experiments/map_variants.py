@@ -4,7 +4,9 @@ Changes only inference (the map's metric, or the pixel error's form), refits the
 the given normal training volumes, and scores a labelled test folder (pooled voxel and slice metrics), so a
 map idea can be tried without training again. Variants: ``default`` (the model's own), ``cosine_residual_z`` and
 ``cosine`` (feature maps), ``tissue`` (pixel error on tissue pixels only), ``patch_mean`` (error of each patch's
-mean), ``blurred`` (error of the blurred signed difference), ``texture`` (error over the patch's intensity std).
+mean), ``blurred`` (error of the blurred signed difference), ``texture`` (error over the patch's intensity std);
+and other ways to join the two z-scored parts of ``feature_pixel``: ``feature_part``, ``pixel_part`` (one part
+alone), ``mean_parts`` (their mean) and ``soft_and`` (sqrt((zf + 1)(zp + 1)) - 1).
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
         --variants default tissue patch_mean
@@ -57,6 +59,24 @@ def texture_error(pixels, targets, p, grid, eps: float = 0.05):
 PIXEL_ERRORS = {"tissue": tissue_error, "patch_mean": patch_mean_error, "blurred": blurred_error,
                 "texture": texture_error}
 
+# joins of the positive z-scores (zf, zp) of the feature map and the pixel error; the default is sqrt(zf * zp)
+COMBINATIONS = {
+    "feature_part": lambda zf, zp: zf,
+    "pixel_part": lambda zf, zp: zp,
+    "mean_parts": lambda zf, zp: 0.5 * (zf + zp),
+    "soft_and": lambda zf, zp: ((zf + 1) * (zp + 1)).sqrt() - 1,
+}
+
+
+def combine_with(mapper, join):
+    """Replace ``mapper.combine`` by ``join`` of the same positive z-scores (its fitted ``map_moments``)."""
+    def combine(feature, pixel):
+        mm = mapper.map_moments
+        zf = ((feature - mm[0, 0]) / mm[1, 0]).clamp_min(0.0)
+        zp = ((pixel - mm[0, 1]) / mm[1, 1]).clamp_min(0.0)
+        return join(zf, zp)
+    mapper.combine = combine
+
 
 def inference_pipeline(ckpt: str):
     """A trained model with the bundle's inference preprocessing: (mapper, preprocessing parameters,
@@ -89,6 +109,8 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
             mapper.metric = variant
         fit_map_statistics(mapper, [pre({"image": f}) for f in sorted(glob.glob(f"{train}/*.nii.gz"))], prm["k"],
                            prm["img_size"])
+        if variant in COMBINATIONS:
+            combine_with(mapper, COMBINATIONS[variant])
         acc = VolumeMetricAccumulator(axis=2)
         for f in sorted(glob.glob(f"{test}/*.nii.gz")):
             d = pre({"image": f})
@@ -109,7 +131,7 @@ def main() -> None:
     ap.add_argument("--test", required=True)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--variants", nargs="+", default=["default"],
-                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS])
+                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS])
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for v in args.variants:
