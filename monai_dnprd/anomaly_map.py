@@ -411,12 +411,17 @@ class AnomalyMapper(nn.Module):
             return f, None
         return f, pixel_error(out.pixels, out.pixel_targets, p, (h, w))
 
-    def combine(self, feature: Tensor, pixel: Tensor | None) -> Tensor:
-        """The unblurred map (B, S, S) from ``parts``."""
-        if pixel is None:
-            return feature
+    def part_zscores(self, feature: Tensor, pixel: Tensor) -> tuple[Tensor, Tensor]:
+        """The positive parts of the two ``parts``' z-scores against normal tissue (``map_moments``)."""
         zf = ((feature - self.map_moments[0, 0]) / self.map_moments[1, 0]).clamp_min(0.0)
         zp = ((pixel - self.map_moments[0, 1]) / self.map_moments[1, 1]).clamp_min(0.0)
+        return zf, zp
+
+    def combine(self, feature: Tensor, pixel: Tensor | None) -> Tensor:
+        """The unblurred map (B, S, S) from ``parts``: the geometric mean of ``part_zscores``."""
+        if pixel is None:
+            return feature
+        zf, zp = self.part_zscores(feature, pixel)
         return (zf * zp).sqrt()
 
     def map_from(self, out: DNPOutput) -> Tensor:

@@ -123,6 +123,8 @@ def test_feature_pixel_map_is_the_geometric_mean_of_positive_z_scores():
     torch.testing.assert_close(feature, ref_f, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pixel, pixel_error(pixels, targets, 8, (4, 4)))
     zf, zp = ((feature - 0.3) / 0.5).clamp_min(0), ((pixel - 0.2) / 0.1).clamp_min(0)
+    for got, want in zip(mapper.part_zscores(feature, pixel), (zf, zp)):
+        torch.testing.assert_close(got, want)
     combined = mapper.combine(feature, pixel)
     torch.testing.assert_close(combined, (zf * zp).sqrt())
     assert (combined[(feature < 0.3) | (pixel < 0.2)] == 0).all()  # below the normal mean in either part: 0

@@ -69,13 +69,8 @@ COMBINATIONS = {
 
 
 def combine_with(mapper, join):
-    """Replace ``mapper.combine`` by ``join`` of the same positive z-scores (its fitted ``map_moments``)."""
-    def combine(feature, pixel):
-        mm = mapper.map_moments
-        zf = ((feature - mm[0, 0]) / mm[1, 0]).clamp_min(0.0)
-        zp = ((pixel - mm[0, 1]) / mm[1, 1]).clamp_min(0.0)
-        return join(zf, zp)
-    mapper.combine = combine
+    """Replace ``mapper.combine`` by ``join`` of the same positive z-scores (``mapper.part_zscores``)."""
+    mapper.combine = lambda feature, pixel: join(*mapper.part_zscores(feature, pixel))
 
 
 def inference_pipeline(ckpt: str):
