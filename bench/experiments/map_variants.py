@@ -6,7 +6,11 @@ map idea can be tried without training again. Variants: ``default`` (the model's
 ``cosine`` (feature maps), ``tissue`` (pixel error on tissue pixels only), ``patch_mean`` (error of each patch's
 mean), ``blurred`` (error of the blurred signed difference), ``texture`` (error over the patch's intensity std);
 and other ways to join the two z-scored parts of ``feature_pixel``: ``feature_part``, ``pixel_part`` (one part
-alone), ``mean_parts`` (their mean) and ``soft_and`` (sqrt((zf + 1)(zp + 1)) - 1).
+alone), ``mean_parts`` (their mean) and ``soft_and`` (sqrt((zf + 1)(zp + 1)) - 1); ``slice_median_feature``
+and ``slice_median_both``: each slice's foreground median of the (unclamped) feature z-score, or of both z-scores,
+subtracted before the geometric mean, so that only a local excess over the slice's own level counts;
+``shift2`` and ``shift4``: the mean of the maps of the slice shifted by half a patch (two diagonal or all four
+shifts; overlapping tiles, a token grid of half the step); ``shift2min``: the minimum of the two diagonal ones.
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
         --variants default tissue patch_mean
@@ -73,6 +77,50 @@ def combine_with(mapper, join):
     mapper.combine = lambda feature, pixel: join(*mapper.part_zscores(feature, pixel))
 
 
+def _masked_median(z, fg):
+    """(B,) median of each slice's values in its foreground (0 where a slice has none)."""
+    return torch.stack([zb[m].median() if m.any() else zb.new_zeros(()) for zb, m in zip(z, fg)])
+
+
+def slice_median_forward(mapper, parts: tuple[str, ...]):
+    """Replace ``mapper.forward`` by the default map with each named part's per-slice foreground median of its
+    unclamped z-score subtracted first (foreground: the centre slice's nonzero pixels, as preprocessed)."""
+
+    def forward(x):
+        fg = x[:, x.shape[1] // 2] > 0  # one sequence, 2k + 1 slices: the centre slice is the middle channel
+        feature, pixel = mapper.parts(mapper.network(x))
+        mm = mapper.map_moments
+        z = {"feature": (feature - mm[0, 0]) / mm[1, 0], "pixel": (pixel - mm[0, 1]) / mm[1, 1]}
+        for name in parts:
+            z[name] = z[name] - _masked_median(z[name], fg)[:, None, None]
+        m = (z["feature"].clamp_min(0.0) * z["pixel"].clamp_min(0.0)).sqrt()
+        return (mapper._blur_h @ m @ mapper._blur_w.T).unsqueeze(1)
+
+    mapper.forward = forward
+
+
+def shifted_forward(mapper, shifts: tuple[tuple[int, int], ...], reduce: str = "mean"):
+    """Replace ``mapper.forward`` by the mean (or minimum) of its maps of the input rolled by each (dy, dx) and
+    rolled back (the slices' borders are background, so what wraps around is empty)."""
+    forward = mapper.forward
+
+    def reduced_forward(x):
+        maps = torch.stack([forward(x.roll((dy, dx), (-2, -1))).roll((-dy, -dx), (-2, -1)) for dy, dx in shifts])
+        return maps.mean(0) if reduce == "mean" else maps.amin(0)
+
+    mapper.forward = reduced_forward
+
+
+def half_patch_shifts(mapper, variant: str) -> tuple[tuple[int, int], ...]:
+    h = mapper.network.encoder.patch_size // 2
+    return ((0, 0), (0, h), (h, 0), (h, h)) if variant == "shift4" else ((0, 0), (h, h))
+
+
+SHIFTS = ("shift2", "shift4", "shift2min")
+
+SLICE_MEDIANS = {"slice_median_feature": ("feature",), "slice_median_both": ("feature", "pixel")}
+
+
 def inference_pipeline(ckpt: str):
     """A trained model with the bundle's inference preprocessing: (mapper, preprocessing parameters,
     preprocessing, inverse, volume inferer), so that a probe maps volumes as ``run inference`` does."""
@@ -106,6 +154,10 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
                            prm["img_size"])
         if variant in COMBINATIONS:
             combine_with(mapper, COMBINATIONS[variant])
+        if variant in SLICE_MEDIANS:
+            slice_median_forward(mapper, SLICE_MEDIANS[variant])
+        if variant in SHIFTS:
+            shifted_forward(mapper, half_patch_shifts(mapper, variant), "min" if variant.endswith("min") else "mean")
         acc = VolumeMetricAccumulator(axis=2)
         for f in sorted(glob.glob(f"{test}/*.nii.gz")):
             d = pre({"image": f})
@@ -126,7 +178,7 @@ def main() -> None:
     ap.add_argument("--test", required=True)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--variants", nargs="+", default=["default"],
-                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS])
+                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS, *SLICE_MEDIANS, *SHIFTS])
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for v in args.variants:
