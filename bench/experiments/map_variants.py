@@ -121,20 +121,35 @@ SHIFTS = ("shift2", "shift4", "shift2min")
 SLICE_MEDIANS = {"slice_median_feature": ("feature",), "slice_median_both": ("feature", "pixel")}
 
 
+GEOMETRY_TRANSFORMS = ("LoadVolumed", "Orientationd", "OptionalSpacingd", "CropForegroundd", "SquarePadd")
+
+
+def bundle_parser(ckpt: str, carry: tuple[str, ...] = ()):
+    """The bundle's inference config for ``ckpt``; keys in ``carry`` (e.g. a lesion label) are added to every
+    geometric transform of its preprocessing, so they come out on the image's preprocessed grid."""
+    from monai.bundle import ConfigParser
+
+    from monai_dnprd.config import workflow_configs
+
+    parser = ConfigParser()
+    parser.read_config(workflow_configs(REPO / "bundle", "inference"))
+    parser.update({"ckpt_path": ckpt})
+    for i, t in enumerate(parser["preprocessing"]["transforms"]):
+        if carry and t["_target_"].rsplit(".", 1)[-1] in GEOMETRY_TRANSFORMS:
+            keys = [t["keys"]] if isinstance(t["keys"], str) else list(t["keys"])
+            parser[f"preprocessing#transforms#{i}#keys"] = keys + list(carry)
+    return parser
+
+
 def inference_pipeline(ckpt: str):
     """A trained model with the bundle's inference preprocessing: (mapper, preprocessing parameters,
     preprocessing, inverse, volume inferer), so that a probe maps volumes as ``run inference`` does."""
-    from monai.bundle import ConfigParser
-
     from monai_dnprd.checkpoint import load_model
-    from monai_dnprd.config import workflow_configs
     from monai_dnprd.inferer import DNPVolumeInferer
 
     mapper, meta = load_model(ckpt)
     prm = meta["preprocessing"]
-    parser = ConfigParser()
-    parser.read_config(workflow_configs(REPO / "bundle", "inference"))
-    parser.update({"ckpt_path": ckpt})
+    parser = bundle_parser(ckpt)
     pre, inverse = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inverse")
     return mapper, prm, pre, inverse, DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"])
 

@@ -22,26 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.transforms import Compose, CropForegroundd, Orientationd
+from map_variants import bundle_parser
 
 import monai_dnprd.inferer as inferer_module
 from monai_dnprd.checkpoint import load_model
 from monai_dnprd.inferer import DNPVolumeInferer
 from monai_dnprd.metrics import VolumeMetricAccumulator
-from monai_dnprd.transforms import ForegroundMaskd, LoadVolumed, NormalizeForegroundd, SquarePadd
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
-
-
-def preprocessing(keys: list[str], prm: dict) -> Compose:
-    """The bundle's preprocessing (common.json) applied to the image and, with the same geometry, the label."""
-    return Compose([
-        LoadVolumed(keys=keys),
-        Orientationd(keys=keys, axcodes="RAS", labels=[["L", "R"], ["P", "A"], ["I", "S"]]),
-        ForegroundMaskd(keys="image", mask_key="mask", modality=prm["modality"]),
-        NormalizeForegroundd(keys="image", mask_key="mask", modality=prm["modality"]),
-        CropForegroundd(keys=[*keys, "mask"], source_key="mask", margin=prm["margin"], allow_smaller=True),
-        SquarePadd(keys=[*keys, "mask"]),
-    ])
 
 
 class ChunkRecorder:
@@ -109,7 +96,7 @@ def main() -> None:
     # the bank: prototypes of evenly spread training slices with enough foreground
     if "bank" in args.variants:
         state.update(mode="collect", bank=[])
-        train_pre = preprocessing(["image"], prm)
+        train_pre = bundle_parser(args.ckpt).get_parsed_content("preprocessing")
         vols = [train_pre({"image": f}) for f in sorted(glob.glob(f"{args.train}/*.nii.gz"))]
         per = max(1, args.bank_slices // max(1, len(vols)))
         with torch.inference_mode():
@@ -119,12 +106,12 @@ def main() -> None:
                 zs = zs[torch.linspace(0, len(zs) - 1, min(per, len(zs))).round().long()]
                 vol_s = torch.as_tensor(d["image"]).float().movedim(-1, 1)  # (C, Z, H, W), as the inferer's
                 for start in range(0, len(zs), 32):
-                    mapper(ResizeSlices(size)(gather_slice_stacks(vol_s, zs[start:start + 32], prm["k"], axis=0)))
+                    net(ResizeSlices(size)(gather_slice_stacks(vol_s, zs[start:start + 32], prm["k"], axis=0)))
         raw = torch.cat(state["bank"])
         state.update(bank_raw=raw, bank_n=F.normalize(raw, dim=-1), mode=None)
         print(f"bank: {raw.shape[0]} prototypes from {len(vols)} volumes", flush=True)
 
-    test_pre = preprocessing(["image", "label"], prm)
+    test_pre = bundle_parser(args.ckpt, carry=("label",)).get_parsed_content("preprocessing")
     files = sorted(glob.glob(f"{args.test}/*.nii.gz"))
     items = [test_pre({"image": f, "label": f"{args.labels}/{Path(f).name}"}) for f in files]
     original_forward = net.forward
