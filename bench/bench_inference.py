@@ -8,7 +8,8 @@ Usage:
   python bench/bench_inference.py --ckpt runs/demo/models/model.pt --volume ../shared/data/tcga_lgg/TCGA-DU-7294/TCGA-DU-7294_fla_bet.nii.gz
   python bench/bench_inference.py --ckpt ... --synthetic-ct 512,512,300    # a CT-sized volume made from the real CT
   python bench/bench_inference.py --ckpt A/model.pt B/model.pt C/model.pt --volume ...   # an ensemble of three
-Options: --device cpu|cuda, --precision fp32|bf16, --batch-size N, --repeat N (best of N reported),
+Options: --device cpu|cuda, --precision auto|fp32|bf16 (default auto, as inference), --grid-phases 1|2 (default: the
+model's), --batch-size N, --repeat N (best of N reported),
 --polarity any|bright|dark (the map weighted by the intensity rank; the gate's time counts in
 "stack, z-smoothing, masking").
 """
@@ -50,7 +51,8 @@ def main() -> None:
     ap.add_argument("--volume")
     ap.add_argument("--synthetic-ct", help="X,Y,Z: benchmark a CT-sized volume made from the shared CT")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--grid-phases", type=int, choices=[1, 2], default=None, help="override the model's grid phases")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--polarity", default=None, choices=POLARITIES, help="override the model's polarity")
@@ -58,7 +60,7 @@ def main() -> None:
 
     from monai.bundle import ConfigParser
 
-    from monai_dnprd.config import workflow_configs
+    from monai_dnprd.config import resolve_precision, workflow_configs
     from monai_dnprd.io import write_nifti
 
     tmp = Path(tempfile.mkdtemp())
@@ -68,7 +70,7 @@ def main() -> None:
     parser.read_config(workflow_configs(REPO / "bundle", "inference"))
     parser.update({"ckpt_path": args.ckpt[0] if len(args.ckpt) == 1 else args.ckpt, "input_dir": str(volume.parent),
                    "output_dir": str(tmp / "out"), "batch_size": args.batch_size, "precision": args.precision,
-                   "device": args.device, "polarity": args.polarity})
+                   "device": args.device, "polarity": args.polarity, "grid_phases": args.grid_phases})
     params = parser.get_parsed_content("params")
     if "ct" in volume.name:
         parser["params"] = {**params, "modality": "ct"}
@@ -121,7 +123,8 @@ def main() -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     if device.type == "cuda":
         peak_gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3
-    result = {"volume": volume.name, "shape": shape, "device": args.device, "precision": args.precision,
+    result = {"volume": volume.name, "shape": shape, "device": args.device,
+              "precision": resolve_precision(device, args.precision), "grid_phases": members[0].grid_phases,
               "polarity": members[0].polarity, "threads": torch.get_num_threads(), "seconds": {k: round(v, 3) for k, v in best.items()},
               "peak_rss_gb": round(peak_gb, 2), "img_size": params["img_size"], "k": params["k"],
               "models": len(members), "slices": n_slices,

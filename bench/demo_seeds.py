@@ -10,7 +10,9 @@ plus the spread.
     python bench/demo_seeds.py --seeds 0 1 2 --out runs/bench_seeds_mf --extra '{"data#min_foreground": 0.01}'
 
 A seed whose ``OUT/seed<N>/evaluation/metrics.json`` exists is not run again (``--force`` re-runs it), so an
-interrupted sweep continues where it stopped. Besides the bundle metrics, each row gives ``top1_end``: the share
+interrupted sweep continues where it stopped; ``--reevaluate`` keeps the trained models and runs the evaluation
+again with ``--eval_extra`` overrides (e.g. another map setting), calibrated again on the demo's validation
+volumes as training calibrates. Besides the bundle metrics, each row gives ``top1_end``: the share
 of the top 1 % of map values in the normal test volumes that lies in the axial slices at the ends of the brain
 (slices holding less than 30 % of the largest slice's brain area). Failing seeds put most of their false
 positives there. ``training`` is the wall time of the training workflow (validations and calibration
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", default="{}",
                         help="JSON dict of extra training overrides, e.g. '{\"network_def#patch_size\": 8}'")
     parser.add_argument("--force", action="store_true", help="re-run seeds that already have results")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="keep each seed's trained model; evaluate again (with --eval_extra), recalibrated")
+    parser.add_argument("--eval_extra", default="{}", help="JSON dict of evaluation overrides for --reevaluate")
     args = parser.parse_args(argv)
     extra = json.loads(args.extra)
     if not isinstance(extra, dict):
@@ -113,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         run_dir = out / f"seed{seed}"
         train_seconds = None
-        if args.force or not (run_dir / "evaluation" / "metrics.json").is_file():
+        if args.reevaluate:
+            from monai_dnprd.demo import prepare_demo_data
+
+            _bundle("evaluating", ckpt_path=str(run_dir / "models" / "model.pt"), output_dir=str(run_dir / "evaluation"),
+                    calibration_dir=str(prepare_demo_data()["val"]), **json.loads(args.eval_extra))
+        elif args.force or not (run_dir / "evaluation" / "metrics.json").is_file():
             start = time.perf_counter()
             _bundle("training", output_dir=str(run_dir), seed=seed, **extra)
             train_seconds = time.perf_counter() - start

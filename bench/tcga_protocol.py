@@ -255,7 +255,11 @@ def main() -> None:
                     help="sequences given to the model, stacked as the channels of 4D inputs (e.g. fla t2); "
                          "the baselines always use the FLAIR")
     ap.add_argument("--reevaluate", action="store_true",
-                    help="reuse the trained models under --out: run the evaluation again (new maps), then the metrics")
+                    help="reuse the trained models under --out: run the evaluation again (new maps), then the metrics; "
+                         "--extra then holds evaluation overrides (e.g. '{\"grid_phases\": 2}')")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="with --reevaluate: calibrate again on the training slabs (as training does), for map "
+                         "settings other than those the model was trained with")
     ap.add_argument("--own_case", action="store_true",
                     help="score each trained model under --out on its own training case (no training, a diagnostic)")
     ap.add_argument("--exclusion", action="store_true",
@@ -296,9 +300,15 @@ def main() -> None:
         if args.rescore or args.reevaluate:
             if args.reevaluate:
                 shutil.rmtree(work / "eval", ignore_errors=True)
+                overrides = json.loads(args.extra)
+                if args.recalibrate:
+                    if (work / "exclude").is_dir():
+                        raise SystemExit(f"{work}: --recalibrate needs tumour-free training slabs; this run's "
+                                         "training folder holds the whole case (--exclusion)")
+                    overrides["calibration_dir"] = str(work / "normal")
                 run_bundle("evaluate.json", "evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
                            output_dir=str(work / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"),
-                           report="false")
+                           report="false", **overrides)
             if not (work / "eval" / "case.nii.gz").is_file():
                 print(f"{tag}: no map under {work} to rescore, skipped", flush=True)
                 continue

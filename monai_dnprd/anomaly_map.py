@@ -23,6 +23,9 @@ MAP_METRICS = ("cosine", "cosine_residual_z", "feature_pixel")
 __all__ = [
     "AnomalyMapper",
     "MAP_METRICS",
+    "GRID_PHASES",
+    "check_grid_phases",
+    "phase_min",
     "gaussian_kernel1d",
     "gaussian_blur1d",
     "gaussian_blur2d",
@@ -325,6 +328,31 @@ def group_feature_spread(features: Sequence[Tensor]) -> Tensor:
     return feature_spread(torch.cat(list(features), 1))
 
 
+GRID_PHASES = (1, 2)
+
+
+def check_grid_phases(grid_phases: int) -> int:
+    """``grid_phases`` as an int, or a clear error when it is not 1 or 2."""
+    if int(grid_phases) not in GRID_PHASES or float(grid_phases) != int(grid_phases):
+        raise ValueError(f"grid_phases must be 1 or 2, got {grid_phases!r}")
+    return int(grid_phases)
+
+
+def phase_min(mapper: AnomalyMapper, x: Tensor) -> Tensor:
+    """Each pixel's minimum over the maps of ``x`` (B, C, S, S) at two phases of the token grid: as it is, and
+    shifted by half a patch along both axes (the map shifted back).
+
+    A token is a patch of several pixels; where its borders fall on the anatomy changes what it sees. A token
+    straddling the brain's edge or a CSF boundary at one phase can score high where the same tissue scores low
+    at the other; a lesion scores at both. The minimum keeps what both phases agree on (docs/research_log.md:
+    it removed false positives at the brain's edge in every TCGA model tried, at twice the network time).
+    The shift is a roll: the slices' borders are background, so what wraps around is empty.
+    """
+    h = mapper.network.encoder.patch_size // 2
+    shifted = mapper(x.roll((h, h), (-2, -1))).roll((-h, -h), (-2, -1))
+    return torch.minimum(mapper(x), shifted)
+
+
 class AnomalyMapper(nn.Module):
     """(B, C, S, S) 2.5D slice stacks -> (B, 1, S, S) anomaly maps, blurred with ``sigma`` pixels.
 
@@ -425,11 +453,13 @@ class AnomalyMapper(nn.Module):
         return (zf * zp).sqrt()
 
     def map_from(self, out: DNPOutput) -> Tensor:
-        """(B, 1, S, S) blurred anomaly maps from one network output."""
-        m = self.combine(*self.parts(out))
-        if tuple(m.shape[-2:]) == tuple(self.network.encoder.img_size):
-            return (self._blur_h @ m @ self._blur_w.T).unsqueeze(1)
-        return upsample_blur(m, tuple(m.shape[-2:]), self.sigma).unsqueeze(1)
+        """(B, 1, S, S) blurred anomaly maps from one network output, computed in fp32 even under autocast: the
+        map is made of small differences between near-equal features, which bf16 would round away."""
+        with torch.autocast(out.targets[0].device.type, enabled=False):
+            m = self.combine(*self.parts(out.float()))
+            if tuple(m.shape[-2:]) == tuple(self.network.encoder.img_size):
+                return (self._blur_h @ m @ self._blur_w.T).unsqueeze(1)
+            return upsample_blur(m, tuple(m.shape[-2:]), self.sigma).unsqueeze(1)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, S, S) slice stacks, S = the network's input size -> (B, 1, S, S) anomaly maps."""

@@ -155,7 +155,7 @@ def calibrate_folder(
 
 def calibration_for(models: Sequence, folder: str | Path | None, preprocessing: Callable, network: torch.nn.Module,
                     inferer: Callable, out_path: str | Path, z_sigma: float | None = None,
-                    polarity: str | None = None) -> str | None:
+                    polarity: str | None = None, grid_phases: int | None = None) -> str | None:
     """The calibration file inference uses: made now on the normal volumes of ``folder`` (``--calibration_dir``),
     else the single model's own from training (``ensemble.member_calibration_path``; None for an ensemble)."""
     if folder not in (None, "", "None", "null"):
@@ -163,7 +163,7 @@ def calibration_for(models: Sequence, folder: str | Path | None, preprocessing: 
         return str(calibrate_folder(folder, preprocessing, network, inferer, score_q, Path(out_path) / "calibration.json"))
     from monai_dnprd.ensemble import member_calibration_path
 
-    return member_calibration_path(models, z_sigma, polarity)
+    return member_calibration_path(models, z_sigma, polarity, grid_phases)
 
 
 def residual_fit_slices(masks: Sequence[torch.Tensor], max_slices: int, min_foreground: float = 0.15) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["setup_logging", "resolve_device", "autocast_context", "workflow_configs", "WORKFLOW_CONFIGS", "as_bool", "input_channels", "validation_lesion_kinds", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
+__all__ = ["setup_logging", "resolve_device", "native_bf16", "resolve_precision", "autocast_context", "workflow_configs", "WORKFLOW_CONFIGS", "as_bool", "input_channels", "validation_lesion_kinds", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +53,38 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``precision`` in {"fp32", "bf16", "fp16", "auto"}; fp16 only on CUDA, bf16 on CPU or CUDA;
-    ``auto`` is bf16 on CUDA and fp32 elsewhere (bf16 matrix work is fast on GPUs, slow on most CPUs)."""
+def native_bf16(device: torch.device | str) -> bool:
+    """True where bf16 matrix work runs natively and fast: CUDA, and CPUs with AVX512-BF16 or AMX tiles."""
     device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(device: torch.device | str, precision: str) -> str:
+    """``precision`` with ``auto`` resolved: bf16 where ``native_bf16``, fp32 elsewhere (bf16 without hardware
+    support is emulated and slower than fp32)."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be 'fp32', 'bf16', 'fp16' or 'auto', got {precision!r}")
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``precision`` in {"fp32", "bf16", "fp16", "auto"} (see ``resolve_precision``); fp16 only on
+    CUDA, bf16 on CPU or CUDA."""
+    device = torch.device(device)
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ValueError(f"precision must be 'fp32', 'bf16', 'fp16' or 'auto', got {precision!r}")
-    if dtype is torch.float16 and device.type != "cuda":
+    if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' on CPU")
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def as_bool(value: Any) -> bool:

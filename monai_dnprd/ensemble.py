@@ -37,6 +37,7 @@ __all__ = [
     "volume_inferer",
     "member_calibration_path",
     "model_polarity",
+    "model_grid_phases",
     "map_setting_changes",
     "SHARED_PREPROCESSING",
 ]
@@ -118,12 +119,13 @@ def volume_inferer(
     models: Sequence[Model],
     batch_size: int = 32,
     z_sigma: float | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     polarity: str | None = None,
+    grid_phases: int | None = None,
 ) -> Inferer:
-    """A ``DNPVolumeInferer`` per model, with its own input size, slice neighbours, smoothing and polarity
-    (``z_sigma`` and ``polarity`` override those of every model when given); an ``EnsembleInferer`` over them
-    if several."""
+    """A ``DNPVolumeInferer`` per model, with its own input size, slice neighbours and map settings (smoothing,
+    polarity, grid phases; ``z_sigma``, ``polarity`` and ``grid_phases`` override those of every model when
+    given); an ``EnsembleInferer`` over them if several."""
     inferers = []
     for _, ckpt in models:
         p = ckpt["preprocessing"]
@@ -132,10 +134,12 @@ def volume_inferer(
             z_sigma=p["z_sigma"] if z_sigma is None else z_sigma,
             precision=precision,
             polarity=model_polarity(p) if polarity is None else polarity,
+            grid_phases=model_grid_phases(p) if grid_phases is None else grid_phases,
         ))
     if len(models) == 1:
         return inferers[0]
-    changed = sorted({c for _, ckpt in models for c in map_setting_changes(ckpt["preprocessing"], z_sigma, polarity)})
+    changed = sorted({c for _, ckpt in models
+                      for c in map_setting_changes(ckpt["preprocessing"], z_sigma, polarity, grid_phases)})
     if changed:
         logger.warning(
             "ensemble with %s: each member's normal scale comes from its training calibration, made with its own "
@@ -145,10 +149,13 @@ def volume_inferer(
     return EnsembleInferer(inferers, [ckpt["normal_q99"] for _, ckpt in models])
 
 
-def map_setting_changes(params: dict, z_sigma: float | None = None, polarity: str | None = None) -> list[str]:
+def map_setting_changes(params: dict, z_sigma: float | None = None, polarity: str | None = None,
+                        grid_phases: int | None = None) -> list[str]:
     """The inference overrides that differ from the map settings a model was trained and calibrated with."""
     changed = [f"z_sigma {z_sigma}"] if z_sigma is not None and z_sigma != params.get("z_sigma") else []
     changed += [f"polarity {polarity}"] if polarity is not None and polarity != model_polarity(params) else []
+    changed += ([f"grid_phases {grid_phases}"]
+                if grid_phases is not None and int(grid_phases) != model_grid_phases(params) else [])
     return changed
 
 
@@ -157,16 +164,22 @@ def model_polarity(params: dict) -> str:
     return params.get("polarity") or "any"
 
 
-def member_calibration_path(models: Sequence[Model], z_sigma: float | None = None, polarity: str | None = None) -> str | None:
+def model_grid_phases(params: dict) -> int:
+    """The grid phases a model was calibrated with (1 for models made before the setting)."""
+    return int(params.get("grid_phases") or 1)
+
+
+def member_calibration_path(models: Sequence[Model], z_sigma: float | None = None, polarity: str | None = None,
+                            grid_phases: int | None = None) -> str | None:
     """The calibration inference uses without ``--calibration_dir``: the single model's own, or none for an
     ensemble (with a warning: its maps are still written, its thresholds and masks are not).
 
-    Training calibrated the model's map as it made it (its ``z_sigma`` and ``polarity``); other map settings at
-    inference change the normal score distribution, so that case is warned about too.
+    Training calibrated the model's map as it made it (its ``z_sigma``, ``polarity`` and ``grid_phases``); other
+    map settings at inference change the normal score distribution, so that case is warned about too.
     """
     if len(models) == 1:
         path, params = models[0][1]["path"], models[0][1]["preprocessing"]
-        changed = map_setting_changes(params, z_sigma, polarity)
+        changed = map_setting_changes(params, z_sigma, polarity, grid_phases)
         if changed:
             logger.warning(
                 "%s: its calibration was made with the training run's map settings, not with %s; thresholds and "

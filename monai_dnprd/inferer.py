@@ -1,7 +1,7 @@
 """Volume inference: run the 2D DNP-ConFormer over every slice of a volume (2.5D) and build the 3D map.
 
 All slices of a volume that hold foreground go through the ``AnomalyMapper`` in batches (resized to the
-network's input size); each slice map is resized back to the slice's own in-plane size, stacked back in z,
+network's input size), at two phases of the token grid (``grid_phases``); each slice map is resized back to the slice's own in-plane size, stacked back in z,
 optionally smoothed along z, zeroed outside the foreground and, when only bright or dark anomalies are sought,
 weighted by the voxel's intensity rank (``polarity``). The result carries the input's meta so that MONAI's
 ``Invertd`` can bring it back to the original image space.
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from monai_dnprd.anomaly_map import check_polarity, gaussian_blur1d, polarity_gate
+from monai_dnprd.anomaly_map import check_grid_phases, check_polarity, gaussian_blur1d, phase_min, polarity_gate
 from monai_dnprd.config import autocast_context
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
@@ -32,7 +32,10 @@ class DNPVolumeInferer(Inferer):
         axis: the slicing axis (-1: last spatial axis, axial after orientation to RAS).
         batch_size: slices per forward pass.
         z_sigma: Gaussian smoothing across slices, in slices (0 disables).
-        precision: "fp32" or "bf16" autocast for the network.
+        precision: "fp32", "bf16" or "auto" autocast for the network (``config.resolve_precision``; the map's own
+            maths stay in fp32).
+        grid_phases: 2 (default) takes each pixel's minimum over the slice's map and the map of the slice shifted by
+            half a patch diagonally (``phase_min``); 1 maps the slice once, at half the cost.
         polarity: "any" (default), "bright" or "dark": multiply the map by the voxel's intensity rank in the
             foreground (of the first input channel), or by one minus it, when the lesions sought are known to be
             brighter (FLAIR hyperintensities) or darker than the tissue around them (``anomaly_map.polarity_gate``).
@@ -47,6 +50,7 @@ class DNPVolumeInferer(Inferer):
         z_sigma: float = 0.0,
         precision: str = "fp32",
         polarity: str = "any",
+        grid_phases: int = 2,
     ) -> None:
         super().__init__()
         self.img_size = int(img_size)
@@ -56,13 +60,15 @@ class DNPVolumeInferer(Inferer):
         self.z_sigma = float(z_sigma)
         self.precision = precision
         self.polarity = check_polarity(polarity)
+        self.grid_phases = check_grid_phases(grid_phases)
         self.resize = ResizeSlices(self.img_size)
 
     def slice_maps(self, mapper: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Anomaly maps ``(N, 1, H, W)`` of one batch of 2.5D slices ``(N, C, H, W)`` at their own size ``out_size``."""
         device = next(mapper.parameters()).device
+        x = self.resize(stack).to(device)
         with autocast_context(device, self.precision):
-            maps = mapper(self.resize(stack).to(device))
+            maps = mapper(x) if self.grid_phases == 1 else phase_min(mapper, x)
         return F.interpolate(maps.float(), size=tuple(out_size), mode="bilinear", align_corners=False).cpu()
 
     def __call__(  # type: ignore[override]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -102,6 +104,63 @@ def test_inferer_map_shape_mask_and_batch_invariance(tiny_mapper):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+class _PhaseMapper(torch.nn.Module):
+    """A stand-in mapper: the map is the first channel squared (it follows the image) plus, optionally, a hot
+    line along every token's first row (tied to where the token grid falls, as at the brain's edge)."""
+
+    def __init__(self, patch: int, grid_artefact: bool) -> None:
+        super().__init__()
+        self.network = SimpleNamespace(encoder=SimpleNamespace(patch_size=patch))
+        self.patch, self.grid_artefact = patch, grid_artefact
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x[:, :1] ** 2
+        if self.grid_artefact:
+            rows = (torch.arange(x.shape[-2]) % self.patch == 0).float()
+            m = m + 5.0 * rows[:, None]
+        return m
+
+
+def test_phase_min_keeps_what_follows_the_image_and_drops_what_follows_the_grid():
+    from monai_dnprd.anomaly_map import phase_min
+
+    torch.manual_seed(3)
+    x = torch.zeros(2, 3, 24, 24)
+    x[..., 4:20, 4:20] = torch.rand(2, 3, 16, 16)  # background border, as preprocessed slices have
+    image_only = _PhaseMapper(6, grid_artefact=False)
+    torch.testing.assert_close(phase_min(image_only, x), image_only(x))  # shifted and shifted back in register
+    with_grid = _PhaseMapper(6, grid_artefact=True)
+    assert float(with_grid(x).max()) > 5.0
+    torch.testing.assert_close(phase_min(with_grid, x), image_only(x))  # the grid's hot lines are gone
+
+
+def test_inferer_grid_phases_two_is_at_most_one_phase_and_costs_two_passes(tiny_mapper):
+    torch.manual_seed(4)
+    vol = torch.rand(1, 16, 16, 5)
+    mask = torch.ones(1, 16, 16, 5, dtype=torch.uint8)
+    one = DNPVolumeInferer(img_size=16, k=1, grid_phases=1)(vol, tiny_mapper, mask=mask)
+    calls = []
+    hook = tiny_mapper.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        two = DNPVolumeInferer(img_size=16, k=1, grid_phases=2)(vol, tiny_mapper, mask=mask)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # one batch of five slices, two phases
+    assert bool((two <= one + 1e-6).all()) and not torch.allclose(two, one)
+    with pytest.raises(ValueError, match="grid_phases must be 1 or 2"):
+        DNPVolumeInferer(img_size=16, k=1, grid_phases=4)
+
+
+def test_map_maths_stay_fp32_under_bf16_autocast(tiny_mapper):
+    torch.manual_seed(5)
+    x = torch.rand(2, 3, 16, 16)
+    out = tiny_mapper.network(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m = tiny_mapper.map_from(out)
+    assert m.dtype == torch.float32
+    torch.testing.assert_close(m, tiny_mapper.map_from(out))  # the same network output gives the fp32 map
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_inferer_any_slicing_axis_matches_axial_on_the_permuted_volume(tiny_mapper, axis):
     torch.manual_seed(1)
@@ -200,12 +259,20 @@ def test_training_logger_warns_on_a_sustained_prototype_collapse(caplog):
     assert log.prototype_use() == {"iterations": 10, "max_share": pytest.approx(0.9), "prototypes_used": pytest.approx(2.0)}
 
 
-def test_autocast_auto_is_bf16_on_cuda_only():
-    from monai_dnprd.config import autocast_context
+def test_autocast_auto_is_bf16_where_the_hardware_has_it(monkeypatch):
+    from monai_dnprd.config import autocast_context, resolve_precision
 
-    cpu = autocast_context(torch.device("cpu"), "auto")
-    assert not isinstance(cpu, torch.autocast)  # fp32 on CPU
-    with autocast_context(torch.device("cpu"), "bf16"):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False)
+    assert resolve_precision("cpu", "auto") == "fp32"
+    assert not isinstance(autocast_context(torch.device("cpu"), "auto"), torch.autocast)  # fp32 without bf16 units
+    assert resolve_precision("cuda", "auto") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("cpu", "auto") == "bf16"
+    with autocast_context(torch.device("cpu"), "auto"):
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert resolve_precision("cpu", "fp32") == "fp32"
     with pytest.raises(ValueError, match="'auto'"):
         autocast_context(torch.device("cpu"), "fp64")
+    with pytest.raises(ValueError, match="CUDA"):
+        autocast_context(torch.device("cpu"), "fp16")

@@ -290,3 +290,41 @@ def test_validation_lesion_kinds_follow_the_polarity():
     assert validation_lesion_kinds("bright") == ("hyper",) and validation_lesion_kinds("dark") == ("hypo",)
     with pytest.raises(ValueError, match="polarity must be one of"):
         validation_lesion_kinds("up")
+
+
+def test_volume_inferer_takes_the_models_grid_phases_unless_overridden(tmp_path, caplog):
+    from monai_dnprd.ensemble import member_calibration_path
+
+    old = load_models(str(save_member(tmp_path / "old", 0)))  # made before the setting: calibrated at one phase
+    two = load_models(str(save_member(tmp_path / "two", 1, grid_phases=2)))
+    assert volume_inferer(old).grid_phases == 1 and volume_inferer(two).grid_phases == 2
+    assert volume_inferer(two, grid_phases=1).grid_phases == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        member_calibration_path(two, grid_phases=2)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        member_calibration_path(old, grid_phases=2)
+    assert "not with grid_phases 2" in caplog.text
+    with pytest.raises(ValueError, match="grid_phases must be 1 or 2"):
+        volume_inferer(two, grid_phases=3)
+
+
+def test_bundle_configs_calibrate_and_infer_at_two_grid_phases_and_validate_at_one(tmp_path):
+    from monai_dnprd.config import workflow_configs
+
+    parser = ConfigParser()
+    parser.read_config(workflow_configs(BUNDLE, "training"))
+    parser.update({"device": "cpu"})
+    assert parser.get_parsed_content("params")["grid_phases"] == 2  # exported with the model
+    calibration = parser.get_parsed_content("inferer")  # the CalibrationHandler's inferer: the inference map
+    assert calibration.grid_phases == 2 and calibration.precision == "auto"
+    validation = parser.get_parsed_content("validate#inferer")  # model selection: one phase, half the cost
+    assert validation.grid_phases == 1 and validation.precision == "fp32"
+    model = save_member(tmp_path, 0, grid_phases=2)
+    for workflow in ("inference", "evaluating"):
+        parser = ConfigParser()
+        parser.read_config(workflow_configs(BUNDLE, workflow))
+        parser.update({"ckpt_path": str(model), "device": "cpu"})
+        inferer = parser.get_parsed_content("inferer")
+        assert inferer.grid_phases == 2 and inferer.precision == "auto", workflow

@@ -2,7 +2,9 @@
 
 Changes only inference (the map's metric, or the pixel error's form), refits the map's normal statistics on
 the given normal training volumes, and scores a labelled test folder (pooled voxel and slice metrics), so a
-map idea can be tried without training again. Variants: ``default`` (the model's own), ``cosine_residual_z`` and
+map idea can be tried without training again; every variant maps the slice at one grid phase in fp32 (what the
+maps were before ``grid_phases`` and bf16 inference), and ``--bf16`` runs the network in bf16. Variants: ``default``
+(the model's own map at one phase), ``cosine_residual_z`` and
 ``cosine`` (feature maps), ``tissue`` (pixel error on tissue pixels only), ``patch_mean`` (error of each patch's
 mean), ``blurred`` (error of the blurred signed difference), ``texture`` (error over the patch's intensity std);
 and other ways to join the two z-scored parts of ``feature_pixel``: ``feature_part``, ``pixel_part`` (one part
@@ -10,7 +12,7 @@ alone), ``mean_parts`` (their mean) and ``soft_and`` (sqrt((zf + 1)(zp + 1)) - 1
 and ``slice_median_both``: each slice's foreground median of the (unclamped) feature z-score, or of both z-scores,
 subtracted before the geometric mean, so that only a local excess over the slice's own level counts;
 ``shift2`` and ``shift4``: the mean of the maps of the slice shifted by half a patch (two diagonal or all four
-shifts; overlapping tiles, a token grid of half the step); ``shift2min``: the minimum of the two diagonal ones.
+shifts; overlapping tiles, a token grid of half the step); ``shift2min``: the minimum of the two diagonal ones (the inference default since, ``anomaly_map.phase_min``).
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
         --variants default tissue patch_mean
@@ -111,6 +113,28 @@ def shifted_forward(mapper, shifts: tuple[tuple[int, int], ...], reduce: str = "
     mapper.forward = reduced_forward
 
 
+def bf16_network(mapper):
+    """Run ``mapper.network`` under bf16 autocast and hand its outputs to the map in fp32: the network's matrix
+    work is what bf16 speeds up; the map's small differences of near-equal features need fp32."""
+    from dataclasses import fields
+
+    from monai_dnprd.networks.dnp import DNPOutput
+
+    forward = mapper.network.forward
+
+    def to_float(v):
+        if isinstance(v, list):
+            return [to_float(t) for t in v]
+        return v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    def bf16_forward(x, mask=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = forward(x, mask)
+        return DNPOutput(**{f.name: to_float(getattr(out, f.name)) for f in fields(out)})
+
+    mapper.network.forward = bf16_forward
+
+
 def half_patch_shifts(mapper, variant: str) -> tuple[tuple[int, int], ...]:
     h = mapper.network.encoder.patch_size // 2
     return ((0, 0), (0, h), (h, 0), (h, h)) if variant == "shift4" else ((0, 0), (h, h))
@@ -151,10 +175,10 @@ def inference_pipeline(ckpt: str):
     prm = meta["preprocessing"]
     parser = bundle_parser(ckpt)
     pre, inverse = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inverse")
-    return mapper, prm, pre, inverse, DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"])
+    return mapper, prm, pre, inverse, DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"], grid_phases=1, precision="fp32")
 
 
-def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
+def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: bool = False) -> dict:
     """Pooled voxel / slice metrics of one variant on the test folder (maps on each input's own grid)."""
     from monai_dnprd.calibration import fit_map_statistics
     from monai_dnprd.metrics import VolumeMetricAccumulator
@@ -165,6 +189,8 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str) -> dict:
         mapper, prm, pre, inverse, inferer = inference_pipeline(ckpt)
         if variant in ("cosine_residual_z", "cosine"):
             mapper.metric = variant
+        if bf16:
+            bf16_network(mapper)
         fit_map_statistics(mapper, [pre({"image": f}) for f in sorted(glob.glob(f"{train}/*.nii.gz"))], prm["k"],
                            prm["img_size"])
         if variant in COMBINATIONS:
@@ -194,10 +220,11 @@ def main() -> None:
     ap.add_argument("--labels", required=True)
     ap.add_argument("--variants", nargs="+", default=["default"],
                     choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS, *SLICE_MEDIANS, *SHIFTS])
+    ap.add_argument("--bf16", action="store_true", help="the network under bf16 autocast, the map in fp32 (see bf16_network)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for v in args.variants:
-        r = score(args.ckpt, v, args.train, args.test, args.labels)
+        r = score(args.ckpt, v, args.train, args.test, args.labels, args.bf16)
         print(f"{v}: voxel AP {r['voxel_ap']:.4f} AUROC {r['voxel_auroc']:.3f} best Dice {r['best_dice']:.3f} "
               f"slice AUROC {r['slice_auroc']:.3f}", flush=True)
 

@@ -72,7 +72,7 @@ def main() -> None:
     net = mapper.network
     prm = meta["preprocessing"]
     size, patch = prm["img_size"], net.encoder.patch_size
-    inferer = DNPVolumeInferer(size, prm["k"], z_sigma=prm["z_sigma"])
+    inferer = DNPVolumeInferer(size, prm["k"], z_sigma=prm["z_sigma"], grid_phases=1, precision="fp32")
     extract = net.extractor.forward
     state: dict = {}
 

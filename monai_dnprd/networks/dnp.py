@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,16 @@ class DNPOutput:
     hidden: Tensor | None = None  # (B, N) bool: tokens the student did not see (context-only decoding)
     pixels: Tensor | None = None  # (B, N, p*p*C_in): the pixel head's prediction of each patch (from context)
     pixel_targets: Tensor | None = None  # (B, N, p*p*C_in): the input patches themselves
+
+    def float(self) -> DNPOutput:
+        """A copy with every floating-point tensor in fp32 (outputs of a bf16 autocast pass, for the map's maths)."""
+
+        def cast(v):
+            if isinstance(v, list):
+                return [cast(t) for t in v]
+            return v.float() if isinstance(v, Tensor) and v.is_floating_point() else v
+
+        return DNPOutput(**{f.name: cast(getattr(self, f.name)) for f in fields(self)})
 
 
 def _init_dnp(module: nn.Module) -> None:
