@@ -2,17 +2,19 @@
 
 Changes only inference (the map's metric, or the pixel error's form), refits the map's normal statistics on
 the given normal training volumes, and scores a labelled test folder (pooled voxel and slice metrics), so a
-map idea can be tried without training again; every variant maps the slice at one grid phase in fp32 (what the
-maps were before ``grid_phases`` and bf16 inference), and ``--bf16`` runs the network in bf16. Variants: ``default``
-(the model's own map at one phase), ``cosine_residual_z`` and
-``cosine`` (feature maps), ``tissue`` (pixel error on tissue pixels only), ``patch_mean`` (error of each patch's
-mean), ``blurred`` (error of the blurred signed difference), ``texture`` (error over the patch's intensity std);
-and other ways to join the two z-scored parts of ``feature_pixel``: ``feature_part``, ``pixel_part`` (one part
-alone), ``mean_parts`` (their mean) and ``soft_and`` (sqrt((zf + 1)(zp + 1)) - 1); ``slice_median_feature``
-and ``slice_median_both``: each slice's foreground median of the (unclamped) feature z-score, or of both z-scores,
-subtracted before the geometric mean, so that only a local excess over the slice's own level counts;
-``shift2`` and ``shift4``: the mean of the maps of the slice shifted by half a patch (two diagonal or all four
-shifts; overlapping tiles, a token grid of half the step); ``shift2min``: the minimum of the two diagonal ones (the inference default since, ``anomaly_map.phase_min``).
+map idea can be tried without training again. Every variant maps the slice at one grid phase in fp32 (the map
+before ``grid_phases`` and bf16 inference); ``--bf16`` runs the network in bf16, also while the statistics are
+fitted. Variants: ``default`` (the model's own map at one phase), ``cosine_residual_z`` and ``cosine`` (feature
+maps), ``tissue`` (pixel error on tissue pixels only), ``patch_mean`` (error of each patch's mean), ``blurred``
+(error of the blurred signed difference), ``texture`` (error over the patch's intensity std); other ways to
+join the two z-scored parts of ``feature_pixel``: ``feature_part``, ``pixel_part`` (one part alone),
+``mean_parts`` (their mean) and ``soft_and`` (sqrt((zf + 1)(zp + 1)) - 1); ``slice_median_feature`` and
+``slice_median_both``: each slice's foreground median of the (unclamped) feature z-score, or of both z-scores,
+subtracted before the geometric mean, so that only a local excess over the slice's own level counts; ``shift2``
+and ``shift4``: the mean of the maps of the slice shifted by half a patch (two diagonal or all four shifts;
+overlapping tiles, a token grid of half the step); ``shift2min``: the minimum of the two diagonal ones (the
+inference default since: ``anomaly_map.phase_min``); ``flipshift2min``: the minimum over the slice and the
+slice flipped and shifted by half a patch.
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
         --variants default tissue patch_mean
@@ -135,12 +137,27 @@ def bf16_network(mapper):
     mapper.network.forward = bf16_forward
 
 
+def flip_shift_min_forward(mapper):
+    """Replace ``mapper.forward`` by the minimum of the map of the slice and the map of the slice flipped along
+    its first axis (the axis of the training flip) and shifted by half a patch, brought back: the second pass
+    differs from the first both in where the token grid falls and in which side each token's context lies."""
+    forward = mapper.forward
+    h = mapper.network.encoder.patch_size // 2
+
+    def fs_forward(x):
+        other = forward(x.flip(-2).roll((h, h), (-2, -1))).roll((-h, -h), (-2, -1)).flip(-2)
+        return torch.minimum(forward(x), other)
+
+    mapper.forward = fs_forward
+
+
 def half_patch_shifts(mapper, variant: str) -> tuple[tuple[int, int], ...]:
     h = mapper.network.encoder.patch_size // 2
     return ((0, 0), (0, h), (h, 0), (h, h)) if variant == "shift4" else ((0, 0), (h, h))
 
 
 SHIFTS = ("shift2", "shift4", "shift2min")
+FLIPS = ("flipshift2min",)
 
 SLICE_MEDIANS = {"slice_median_feature": ("feature",), "slice_median_both": ("feature", "pixel")}
 
@@ -197,6 +214,8 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: boo
             combine_with(mapper, COMBINATIONS[variant])
         if variant in SLICE_MEDIANS:
             slice_median_forward(mapper, SLICE_MEDIANS[variant])
+        if variant in FLIPS:
+            flip_shift_min_forward(mapper)
         if variant in SHIFTS:
             shifted_forward(mapper, half_patch_shifts(mapper, variant), "min" if variant.endswith("min") else "mean")
         acc = VolumeMetricAccumulator(axis=2)
@@ -219,7 +238,7 @@ def main() -> None:
     ap.add_argument("--test", required=True)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--variants", nargs="+", default=["default"],
-                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS, *SLICE_MEDIANS, *SHIFTS])
+                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS, *SLICE_MEDIANS, *SHIFTS, *FLIPS])
     ap.add_argument("--bf16", action="store_true", help="the network under bf16 autocast, the map in fp32 (see bf16_network)")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
