@@ -333,9 +333,14 @@ GRID_PHASES = (1, 2)
 
 def check_grid_phases(grid_phases: int) -> int:
     """``grid_phases`` as an int, or a clear error when it is not 1 or 2."""
-    if int(grid_phases) not in GRID_PHASES or float(grid_phases) != int(grid_phases):
+    try:
+        value = int(grid_phases)
+        ok = value in GRID_PHASES and float(grid_phases) == value
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"grid_phases must be 1 or 2, got {grid_phases!r}")
-    return int(grid_phases)
+    return value
 
 
 def phase_min(mapper: AnomalyMapper, x: Tensor) -> Tensor:
@@ -346,7 +351,8 @@ def phase_min(mapper: AnomalyMapper, x: Tensor) -> Tensor:
     straddling the brain's edge or a CSF boundary at one phase can score high where the same tissue scores low
     at the other; a lesion scores at both. The minimum keeps what both phases agree on (docs/research_log.md:
     it removed false positives at the brain's edge in every TCGA model tried, at twice the network time).
-    The shift is a roll: the slices' borders are background, so what wraps around is empty.
+    The shift is a roll: the preprocessed slice keeps a background margin around the foreground, so what wraps
+    around is background (at most a pixel's sliver of tissue where that margin is thinner than half a patch).
     """
     h = mapper.network.encoder.patch_size // 2
     shifted = mapper(x.roll((h, h), (-2, -1))).roll((-h, -h), (-2, -1))

@@ -25,6 +25,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
+from monai_dnprd.anomaly_map import check_grid_phases
 from monai_dnprd.calibration import Calibration
 from monai_dnprd.checkpoint import CheckpointError, load_model
 from monai_dnprd.inferer import DNPVolumeInferer
@@ -155,7 +156,7 @@ def map_setting_changes(params: dict, z_sigma: float | None = None, polarity: st
     changed = [f"z_sigma {z_sigma}"] if z_sigma is not None and z_sigma != params.get("z_sigma") else []
     changed += [f"polarity {polarity}"] if polarity is not None and polarity != model_polarity(params) else []
     changed += ([f"grid_phases {grid_phases}"]
-                if grid_phases is not None and int(grid_phases) != model_grid_phases(params) else [])
+                if grid_phases is not None and check_grid_phases(grid_phases) != model_grid_phases(params) else [])
     return changed
 
 

@@ -1,9 +1,9 @@
 """Volume inference: run the 2D DNP-ConFormer over every slice of a volume (2.5D) and build the 3D map.
 
 All slices of a volume that hold foreground go through the ``AnomalyMapper`` in batches (resized to the
-network's input size), at two phases of the token grid (``grid_phases``); each slice map is resized back to the slice's own in-plane size, stacked back in z,
-optionally smoothed along z, zeroed outside the foreground and, when only bright or dark anomalies are sought,
-weighted by the voxel's intensity rank (``polarity``). The result carries the input's meta so that MONAI's
+network's input size), at two phases of the token grid (``grid_phases``); each slice map is resized back to the
+slice's own in-plane size, stacked back in z, optionally smoothed along z, zeroed outside the foreground and, when
+only bright or dark anomalies are sought, weighted by the voxel's intensity rank (``polarity``). The result carries the input's meta so that MONAI's
 ``Invertd`` can bring it back to the original image space.
 """
 

@@ -36,7 +36,8 @@ class DNPTrainer(SupervisedTrainer):
             masked-image modelling.
         mask_ratio: fraction of patches masked in the warm-up.
         grad_clip: max gradient norm of the decoder-side parameters (paper: 0.1); <= 0 disables.
-        precision: "fp32", "bf16" (CPU or CUDA), "fp16" (CUDA, with a gradient scaler) or "auto" (bf16 where the hardware computes it natively: CUDA, CPUs with AVX512-BF16 or AMX).
+        precision: "fp32", "bf16" (CPU or CUDA), "fp16" (CUDA, with a gradient scaler) or "auto" (bf16 where the
+            hardware computes it natively: CUDA, CPUs with AVX512-BF16 or AMX; ``config.resolve_precision``).
     """
 
     def __init__(
