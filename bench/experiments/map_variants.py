@@ -13,7 +13,8 @@ join the two z-scored parts of ``feature_pixel``: ``feature_part``, ``pixel_part
 subtracted before the geometric mean, so that only a local excess over the slice's own level counts; ``shift2``
 and ``shift4``: the mean of the maps of the slice shifted by half a patch (two diagonal or all four shifts;
 overlapping tiles, a token grid of half the step); ``shift2min``: the minimum of the two diagonal ones (the
-inference default since: ``anomaly_map.phase_min``); ``flipshift2min``: the minimum over the slice and the
+inference default since: ``anomaly_map.phase_min``), ``shift3min`` (three diagonal phases a third of a patch
+apart) and ``shift4min`` (all four half-patch shifts); ``flipshift2min``: the minimum over the slice and the
 slice flipped and shifted by half a patch.
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
@@ -152,11 +153,14 @@ def flip_shift_min_forward(mapper):
 
 
 def half_patch_shifts(mapper, variant: str) -> tuple[tuple[int, int], ...]:
-    h = mapper.network.encoder.patch_size // 2
-    return ((0, 0), (0, h), (h, 0), (h, h)) if variant == "shift4" else ((0, 0), (h, h))
+    p = mapper.network.encoder.patch_size
+    h = p // 2
+    if variant == "shift3min":  # three diagonal phases, a third of a patch apart
+        return tuple((i * p // 3, i * p // 3) for i in range(3))
+    return ((0, 0), (0, h), (h, 0), (h, h)) if variant in ("shift4", "shift4min") else ((0, 0), (h, h))
 
 
-SHIFTS = ("shift2", "shift4", "shift2min")
+SHIFTS = ("shift2", "shift4", "shift2min", "shift3min", "shift4min")
 FLIPS = ("flipshift2min",)
 
 SLICE_MEDIANS = {"slice_median_feature": ("feature",), "slice_median_both": ("feature", "pixel")}
