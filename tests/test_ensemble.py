@@ -310,7 +310,7 @@ def test_volume_inferer_takes_the_models_grid_phases_unless_overridden(tmp_path,
         volume_inferer(two, grid_phases=3)
 
 
-def test_bundle_configs_calibrate_and_infer_at_two_grid_phases_and_validate_at_one(tmp_path):
+def test_bundle_configs_train_in_auto_precision_calibrate_and_infer_at_two_grid_phases_validate_at_one(tmp_path):
     from monai_dnprd.config import workflow_configs
 
     parser = ConfigParser()
@@ -320,7 +320,8 @@ def test_bundle_configs_calibrate_and_infer_at_two_grid_phases_and_validate_at_o
     calibration = parser.get_parsed_content("inferer")  # the CalibrationHandler's inferer: the inference map
     assert calibration.grid_phases == 2 and calibration.precision == "auto"
     validation = parser.get_parsed_content("validate#inferer")  # model selection: one phase, half the cost
-    assert validation.grid_phases == 1 and validation.precision == "fp32"
+    assert validation.grid_phases == 1 and validation.precision == "auto"
+    assert parser.get_parsed_content("train#trainer#precision") == "auto"  # bf16 training where native
     model = save_member(tmp_path, 0, grid_phases=2)
     for workflow in ("inference", "evaluating"):
         parser = ConfigParser()
