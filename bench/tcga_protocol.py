@@ -6,7 +6,7 @@ selection with synthetic lesions, calibration) uses the same tumour-free slabs: 
 before the test. Baselines on the same volumes and masks: (a) FLAIR intensity z-scored in the brain,
 median-filtered; (b) per-voxel z-score against the normal training intensities; (c) random.
 
-Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out runs/bench_tcga] [--iterations 600]
+Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out runs/bench_tcga] [--iterations 700]
        [--sequences fla t2]   (the model reads FLAIR and T2 as the channels of 4D inputs; baselines: FLAIR)
        python bench/tcga_protocol.py --out runs/bench_tcga --rescore   (metrics again, no training)
        python bench/tcga_protocol.py --out runs/bench_tcga --own_case  (each trained model on its own training case)
@@ -245,7 +245,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tcga_lgg"))
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_tcga"))
-    ap.add_argument("--iterations", type=int, default=600)
+    ap.add_argument("--iterations", type=int, default=700)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--extra", default="{}", help="JSON of extra training overrides")
     ap.add_argument("--only", type=int, choices=[0, 1], help="run one direction only (0: first case -> second)")

@@ -322,6 +322,8 @@ def test_bundle_configs_train_in_auto_precision_calibrate_and_infer_at_two_grid_
     validation = parser.get_parsed_content("validate#inferer")  # model selection: one phase, half the cost
     assert validation.grid_phases == 1 and validation.precision == "auto"
     assert parser.get_parsed_content("train#trainer#precision") == "auto"  # bf16 training where native
+    # the measured default: a 500-iteration DNP stage after the 200-iteration warm-up (docs/benchmarks.md)
+    assert (parser["num_iterations"], parser["warmup_iterations"]) == (700, 200)
     model = save_member(tmp_path, 0, grid_phases=2)
     for workflow in ("inference", "evaluating"):
         parser = ConfigParser()
