@@ -15,7 +15,9 @@ and ``shift4``: the mean of the maps of the slice shifted by half a patch (two d
 overlapping tiles, a token grid of half the step); ``shift2min``: the minimum of the two diagonal ones (the
 inference default since: ``anomaly_map.phase_min``), ``shift3min`` (three diagonal phases a third of a patch
 apart) and ``shift4min`` (all four half-patch shifts); ``flipshift2min``: the minimum over the slice and the
-slice flipped and shifted by half a patch.
+slice flipped and shifted by half a patch; ``feature_group0`` / ``feature_group1``: the feature part from the
+shallower or the deeper feature group alone; ``group_gm``: the feature part as the geometric mean of the groups'
+positive z-scores. Names joined by ``+`` combine (``feature_group0+shift2min``).
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
         --variants default tissue patch_mean
@@ -154,6 +156,41 @@ FLIPS = ("flipshift2min",)
 
 SLICE_MEDIANS = {"slice_median_feature": ("feature",), "slice_median_both": ("feature", "pixel")}
 
+# the feature part from one feature group only (group 0: the shallower taps, group 1: the deeper ones)
+FEATURE_GROUPS = {"feature_group0": 0, "feature_group1": 1}
+
+
+def one_group_feature_map(group: int, feature_map):
+    """``am.feature_map`` restricted to one feature group (its residual statistics are still fitted per group)."""
+
+    def one_group(targets, recons, metric="cosine", residual_stats=None):
+        stats = None if residual_stats is None else [residual_stats[group]]
+        return feature_map([targets[group]], [recons[group]], metric, stats)
+
+    return one_group
+
+
+def group_gm_feature_map(mapper, normals, prm, feature_map):
+    """``am.feature_map`` as the geometric mean over the feature groups of each group's positive z-score against
+    normal tissue (moments fitted per group first): a hot spot in one group only vanishes, as with ``shift2min``."""
+    from monai_dnprd.calibration import fit_map_statistics
+
+    moments = []
+    for g in range(len(mapper.network.groups)):
+        am.feature_map = one_group_feature_map(g, feature_map)
+        fit_map_statistics(mapper, normals, prm["k"], prm["img_size"])
+        moments.append(mapper.map_moments[:, 0].clone())
+
+    def group_gm(targets, recons, metric="cosine", residual_stats=None):
+        z = [((feature_map([t], [r], metric, [st]) - m[0]) / m[1]).clamp_min(0.0)
+             for t, r, st, m in zip(targets, recons, residual_stats, moments)]
+        return torch.stack(z).prod(0).pow(1.0 / len(z))
+
+    return group_gm
+
+
+VARIANT_NAMES = ("default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS, *SLICE_MEDIANS, *SHIFTS, *FLIPS,
+                 *FEATURE_GROUPS, "group_gm")
 
 GEOMETRY_TRANSFORMS = ("LoadVolumed", "Orientationd", "OptionalSpacingd", "CropForegroundd", "SquarePadd")
 
@@ -193,24 +230,33 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: boo
     from monai_dnprd.calibration import fit_map_statistics
     from monai_dnprd.metrics import VolumeMetricAccumulator
 
-    original = am.pixel_error
-    am.pixel_error = PIXEL_ERRORS.get(variant, original)
+    names = variant.split("+")  # e.g. "feature_group0+shift2min": one name per kind of change
+
+    def pick(table) -> str | None:
+        return next((n for n in names if n in table), None)
+
+    original_pixel, original_feature = am.pixel_error, am.feature_map
+    am.pixel_error = PIXEL_ERRORS.get(pick(PIXEL_ERRORS), original_pixel)
+    if pick(FEATURE_GROUPS) is not None:
+        am.feature_map = one_group_feature_map(FEATURE_GROUPS[pick(FEATURE_GROUPS)], original_feature)
     try:
         mapper, prm, pre, inverse, inferer = inference_pipeline(ckpt)
-        if variant in ("cosine_residual_z", "cosine"):
-            mapper.metric = variant
+        if pick(("cosine_residual_z", "cosine")):
+            mapper.metric = pick(("cosine_residual_z", "cosine"))
         if bf16:
             bf16_network(mapper)
-        fit_map_statistics(mapper, [pre({"image": f}) for f in sorted(glob.glob(f"{train}/*.nii.gz"))], prm["k"],
-                           prm["img_size"])
-        if variant in COMBINATIONS:
-            combine_with(mapper, COMBINATIONS[variant])
-        if variant in SLICE_MEDIANS:
-            slice_median_forward(mapper, SLICE_MEDIANS[variant])
-        if variant in FLIPS:
+        normals = [pre({"image": f}) for f in sorted(glob.glob(f"{train}/*.nii.gz"))]
+        if "group_gm" in names:
+            am.feature_map = group_gm_feature_map(mapper, normals, prm, original_feature)
+        fit_map_statistics(mapper, normals, prm["k"], prm["img_size"])
+        if pick(COMBINATIONS):
+            combine_with(mapper, COMBINATIONS[pick(COMBINATIONS)])
+        if pick(SLICE_MEDIANS):
+            slice_median_forward(mapper, SLICE_MEDIANS[pick(SLICE_MEDIANS)])
+        if pick(FLIPS):
             flip_shift_min_forward(mapper)
-        if variant in SHIFTS:
-            shifted_forward(mapper, half_patch_shifts(mapper, variant), "min" if variant.endswith("min") else "mean")
+        if pick(SHIFTS):
+            shifted_forward(mapper, half_patch_shifts(mapper, pick(SHIFTS)), "min" if pick(SHIFTS).endswith("min") else "mean")
         acc = VolumeMetricAccumulator(axis=2)
         for f in sorted(glob.glob(f"{test}/*.nii.gz")):
             d = pre({"image": f})
@@ -219,7 +265,7 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: boo
             acc.add(Path(f).name, np.asarray(out["pred"][0]), label=label, mask=np.asarray(out["mask"][0]) > 0)
         r = acc.compute()
     finally:
-        am.pixel_error = original
+        am.pixel_error, am.feature_map = original_pixel, original_feature
     return {"voxel_ap": r["voxel"]["ap"], "voxel_auroc": r["voxel"]["auroc"], "best_dice": r["voxel"]["best_dice"],
             "slice_auroc": r["slice"]["auroc"]}
 
@@ -231,9 +277,12 @@ def main() -> None:
     ap.add_argument("--test", required=True)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--variants", nargs="+", default=["default"],
-                    choices=["default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS, *SLICE_MEDIANS, *SHIFTS, *FLIPS])
+                    help="names joined by '+' combine, e.g. feature_group0+shift2min; names: " + ", ".join(VARIANT_NAMES))
     ap.add_argument("--bf16", action="store_true", help="the network under bf16 autocast, the map in fp32 (see bf16_network)")
     args = ap.parse_args()
+    for v in args.variants:
+        if unknown := set(v.split("+")) - set(VARIANT_NAMES):
+            ap.error(f"unknown variant name(s) {sorted(unknown)} in {v!r}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for v in args.variants:
         r = score(args.ckpt, v, args.train, args.test, args.labels, args.bf16)
