@@ -182,8 +182,9 @@ def group_gm_feature_map(mapper, normals, prm, feature_map):
         moments.append(mapper.map_moments[:, 0].clone())
 
     def group_gm(targets, recons, metric="cosine", residual_stats=None):
-        z = [((feature_map([t], [r], metric, [st]) - m[0]) / m[1]).clamp_min(0.0)
-             for t, r, st, m in zip(targets, recons, residual_stats, moments)]
+        stats = residual_stats if residual_stats is not None else [None] * len(targets)
+        z = [((feature_map([t], [r], metric, None if st is None else [st]) - m[0]) / m[1]).clamp_min(0.0)
+             for t, r, st, m in zip(targets, recons, stats, moments)]
         return torch.stack(z).prod(0).pow(1.0 / len(z))
 
     return group_gm
