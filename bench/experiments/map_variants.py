@@ -238,26 +238,26 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: boo
 
     original_pixel, original_feature = am.pixel_error, am.feature_map
     am.pixel_error = PIXEL_ERRORS.get(pick(PIXEL_ERRORS), original_pixel)
-    if pick(FEATURE_GROUPS) is not None:
-        am.feature_map = one_group_feature_map(FEATURE_GROUPS[pick(FEATURE_GROUPS)], original_feature)
+    if group := pick(FEATURE_GROUPS):
+        am.feature_map = one_group_feature_map(FEATURE_GROUPS[group], original_feature)
     try:
         mapper, prm, pre, inverse, inferer = inference_pipeline(ckpt)
-        if pick(("cosine_residual_z", "cosine")):
-            mapper.metric = pick(("cosine_residual_z", "cosine"))
+        if metric := pick(("cosine_residual_z", "cosine")):
+            mapper.metric = metric
         if bf16:
             bf16_network(mapper)
         normals = [pre({"image": f}) for f in sorted(glob.glob(f"{train}/*.nii.gz"))]
         if "group_gm" in names:
             am.feature_map = group_gm_feature_map(mapper, normals, prm, original_feature)
         fit_map_statistics(mapper, normals, prm["k"], prm["img_size"])
-        if pick(COMBINATIONS):
-            combine_with(mapper, COMBINATIONS[pick(COMBINATIONS)])
-        if pick(SLICE_MEDIANS):
-            slice_median_forward(mapper, SLICE_MEDIANS[pick(SLICE_MEDIANS)])
+        if join := pick(COMBINATIONS):
+            combine_with(mapper, COMBINATIONS[join])
+        if median := pick(SLICE_MEDIANS):
+            slice_median_forward(mapper, SLICE_MEDIANS[median])
         if pick(FLIPS):
             flip_shift_min_forward(mapper)
-        if pick(SHIFTS):
-            shifted_forward(mapper, half_patch_shifts(mapper, pick(SHIFTS)), "min" if pick(SHIFTS).endswith("min") else "mean")
+        if shift := pick(SHIFTS):
+            shifted_forward(mapper, half_patch_shifts(mapper, shift), "min" if shift.endswith("min") else "mean")
         acc = VolumeMetricAccumulator(axis=2)
         for f in sorted(glob.glob(f"{test}/*.nii.gz")):
             d = pre({"image": f})

@@ -34,8 +34,9 @@ from monai_dnprd.transforms.array import ResizeSlices, SyntheticLesion, gather_s
 
 
 def lesion_paths(net, lesion_tokens: dict, path: str):
-    """Patch ``net`` so that prototypes (``clean_prototypes``) or the student (``blind_student``) skip the tokens in
-    ``lesion_tokens['now']`` ((B, N) bool, tiled over the inference passes). Returns an undo function."""
+    """Patch ``net`` so that the prototypes (``clean_prototypes``), the student (``blind_student``), the teacher
+    (``blind_teacher``) or both encoders (``blind_both``) skip the tokens in ``lesion_tokens['now']`` ((B, N) bool,
+    tiled over the inference passes); ``default`` patches nothing. Returns an undo function."""
     extractor, student, teacher = net.extractor.forward, net._student, net.teacher.forward
 
     def tiled(n):
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--label", help="its lesion label (or --paint)")
     ap.add_argument("--paint", type=float, help="paint a synthetic hyperintense lesion of this radius (mm) instead")
     ap.add_argument("--far", type=float, default=20.0, help="pixels of the preprocessed slice (default 20)")
-    ap.add_argument("--paths", action="store_true", help="also the clean_prototypes and blind_student counterfactuals")
+    ap.add_argument("--paths", action="store_true", help="also the clean_prototypes, blind_student, blind_teacher and blind_both counterfactuals")
     args = ap.parse_args()
     if (args.label is None) == (args.paint is None):
         ap.error("give exactly one of --label and --paint")
@@ -104,9 +105,10 @@ def main() -> None:
                 with torch.inference_mode():
                     feature, pixel = mapper.parts(net(resize(gather_slice_stacks(image, chunk, prm["k"]))).float())
                     zf, zp = mapper.part_zscores(feature, pixel)
-                dist = torch.as_tensor(np.stack([ndi.distance_transform_edt(~m.numpy()) for m in lesion]))
+                dist = torch.as_tensor(np.stack([ndi.distance_transform_edt(~m.numpy()) if m.any()
+                                                 else np.full(m.shape, np.inf) for m in lesion]))
                 inside = pixels(fg, chunk) > 0.5
-                zf_all.append(zf), m_all.append((zf * zp).sqrt())
+                zf_all.append(zf), m_all.append(mapper.combine(feature, pixel))
                 sel_far.append(inside & ~lesion & (dist > args.far)), sel_lesion.append(inside & lesion)
         finally:
             undo()
