@@ -50,9 +50,10 @@ class ChunkRecorder:
         inferer_module.gather_slice_stacks = self._original
 
 
-def lesion_tokens(label_s: torch.Tensor, chunk: torch.Tensor, size: int, patch: int) -> torch.Tensor:
-    """(B, N) bool: tokens of the resized slices ``chunk`` of a slice-major label (1, Z, H, W) that touch the lesion."""
-    lab = ResizeSlices(size)(gather_slice_stacks(label_s.float(), chunk, 0, axis=0))  # (B, 1, S, S)
+def lesion_tokens(label: torch.Tensor, chunk: torch.Tensor, size: int, patch: int, axis: int = 0) -> torch.Tensor:
+    """(B, N) bool: tokens of the resized slices ``chunk`` (along spatial ``axis``) of a (1, D0, D1, D2) label that
+    touch the lesion."""
+    lab = ResizeSlices(size)(gather_slice_stacks(label.float(), chunk, 0, axis=axis))  # (B, 1, S, S)
     return (F.max_pool2d(lab, patch) > 0).flatten(1)
 
 

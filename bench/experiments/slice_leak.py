@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from map_variants import bundle_parser, inference_pipeline  # noqa: E402
+from prototype_leak import lesion_tokens  # noqa: E402
 
 from monai_dnprd.calibration import fit_map_statistics  # noqa: E402
 from monai_dnprd.transforms.array import ResizeSlices, SyntheticLesion, gather_slice_stacks  # noqa: E402
@@ -92,7 +92,7 @@ def main() -> None:
     tokens: dict = {}
 
     def pixels(vol, idx):
-        return resize(vol[0][..., idx].permute(2, 0, 1)[:, None])[:, 0]
+        return resize(gather_slice_stacks(vol, idx, 0))[:, 0]
 
     def measure(zs, path="default", image=None):
         image = img if image is None else image
@@ -101,7 +101,7 @@ def main() -> None:
         try:
             for chunk in torch.tensor(zs).split(16):
                 lesion = pixels(lab, chunk) > 0.01
-                tokens["now"] = (F.max_pool2d(lesion[:, None].float(), p)[:, 0] > 0).flatten(1)
+                tokens["now"] = lesion_tokens(lab, chunk, prm["img_size"], p, axis=-1)
                 with torch.inference_mode():
                     feature, pixel = mapper.parts(net(resize(gather_slice_stacks(image, chunk, prm["k"]))).float())
                     zf, zp = mapper.part_zscores(feature, pixel)
