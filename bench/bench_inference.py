@@ -11,7 +11,7 @@ Usage:
 Options: --device cpu|cuda, --precision auto|fp32|bf16 (default auto, as inference), --grid-phases 1|2 (default: the
 model's), --batch-size N, --repeat N (best of N reported),
 --polarity any|bright|dark (the map weighted by the intensity rank; the gate's time counts in
-"stack, z-smoothing, masking").
+"stack, z-smoothing, masking"), --symmetry true|false (default: the model's; the step is timed as "symmetry").
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--polarity", default=None, choices=POLARITIES, help="override the model's polarity")
+    ap.add_argument("--symmetry", default=None, choices=["true", "false"], help="override the model's symmetry step")
     args = ap.parse_args()
 
     from monai.bundle import ConfigParser
@@ -70,7 +71,8 @@ def main() -> None:
     parser.read_config(workflow_configs(REPO / "bundle", "inference"))
     parser.update({"ckpt_path": args.ckpt[0] if len(args.ckpt) == 1 else args.ckpt, "input_dir": str(volume.parent),
                    "output_dir": str(tmp / "out"), "batch_size": args.batch_size, "precision": args.precision,
-                   "device": args.device, "polarity": args.polarity, "grid_phases": args.grid_phases})
+                   "device": args.device, "polarity": args.polarity, "grid_phases": args.grid_phases,
+                   "symmetry": args.symmetry})
     params = parser.get_parsed_content("params")
     if "ct" in volume.name:
         parser["params"] = {**params, "modality": "ct"}
@@ -89,26 +91,30 @@ def main() -> None:
         for tr in preprocessing.transforms[1:]:
             d = tr(d)
         t["preprocess"] = time.perf_counter() - t0
-        # network and map, timed apart by wrapping the network call (of every member of an ensemble)
-        net_time = [0.0]
+        # network, map and symmetry step, timed apart by wrapping their calls (of every member of an ensemble)
+        net_time, sym_time = [0.0], [0.0]
 
-        def timed(orig):
-            def timed_slice_maps(network, stack, out_size):
+        def timed(orig, clock):
+            def timed_call(*a):
                 t1 = time.perf_counter()
-                r = orig(network, stack, out_size)
-                net_time[0] += time.perf_counter() - t1
+                r = orig(*a)
+                clock[0] += time.perf_counter() - t1
                 return r
-            return timed_slice_maps
+            return timed_call
 
-        for m in members:  # an instance attribute over the class method, removed again below
-            m.slice_maps = timed(m.slice_maps)
+        suppressions = [m.suppression for m in members]
+        for m in members:  # instance attributes over the class's, put back below
+            m.slice_maps = timed(m.slice_maps, net_time)
+            m.suppression = timed(m.suppression, sym_time)
         t0 = time.perf_counter()
         d["pred"] = inferer(d["image"].to(device), net, mask=d["mask"])
         total = time.perf_counter() - t0
-        for m in members:
+        for m, sup in zip(members, suppressions):
             del m.slice_maps
+            m.suppression = sup
         t["network+slice maps"] = net_time[0]
-        t["stack, z-smoothing, masking"] = total - net_time[0]
+        t["symmetry"] = sym_time[0]
+        t["stack, z-smoothing, masking"] = total - net_time[0] - sym_time[0]
         n_slices = int((torch.as_tensor(d["mask"])[0] > 0).flatten(0, 1).any(0).sum())
         t0 = time.perf_counter()
         d = inverse(d)
@@ -125,7 +131,7 @@ def main() -> None:
         peak_gpu_gb = torch.cuda.max_memory_allocated(device) / 1024**3
     result = {"volume": volume.name, "shape": shape, "device": args.device,
               "precision": resolve_precision(device, args.precision), "grid_phases": members[0].grid_phases,
-              "polarity": members[0].polarity, "threads": torch.get_num_threads(), "seconds": {k: round(v, 3) for k, v in best.items()},
+              "polarity": members[0].polarity, "symmetry": members[0].symmetry, "threads": torch.get_num_threads(), "seconds": {k: round(v, 3) for k, v in best.items()},
               "peak_rss_gb": round(peak_gb, 2), "img_size": params["img_size"], "k": params["k"],
               "models": len(members), "slices": n_slices,
               "slices_per_s_network": round(len(members) * n_slices / max(best["network+slice maps"], 1e-9), 1)}

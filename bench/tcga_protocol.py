@@ -27,7 +27,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter, median_filter
+
+from monai_dnprd.symmetry import MirrorSuppression
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,29 +114,44 @@ def slice_standardised(score: np.ndarray, fg: np.ndarray, axis: int = 2) -> np.n
     return out
 
 
+def brain_zscore(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
+    """Intensities clipped to the brain's 0.5-99.5th percentiles, scaled to [0, 1], then z-scored in the brain."""
+    lo, hi = np.percentile(x[fg], [0.5, 99.5])
+    xn = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+    return (xn - xn[fg].mean()) / max(xn[fg].std(), 1e-6)
+
+
 def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: list[Path], seed: int = 0,
               model_map: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Score maps of the baselines on the test volume (original grid), and the optional combined score.
 
+    ``flair_zscore_median3_symmetric`` is ``flair_zscore_median3`` after the left-right symmetry step of the
+    default map (``monai_dnprd.symmetry``), its threshold the 99th percentile of the same baseline on the training
+    slabs: what the symmetry prior alone does for an intensity map.
     ``dnp_x_intensity_surprisal`` (see "Maps and distances" in docs/research_log.md) multiplies the model's map by the intensity
     surprisal under the normal training intensities: both must be high for a high score.
     """
-    x = np.asarray(nib.load(str(test_flair)).dataobj, dtype=np.float32)
-    lo, hi = np.percentile(x[fg], [0.5, 99.5])
-    xn = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
-    z = (xn - xn[fg].mean()) / max(xn[fg].std(), 1e-6)
-    train_vals = []
+    img = nib.load(str(test_flair))
+    x = np.asarray(img.dataobj, dtype=np.float32)
+    z = brain_zscore(x, fg)
+    train_vals, slab_median3 = [], []
     for p in train_slabs:
         t = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
         m = t > np.percentile(t[t > 0], 5) if (t > 0).any() else t > 0
         tlo, thi = np.percentile(t[m], [0.5, 99.5])
         train_vals.append(np.clip((t[m] - tlo) / max(thi - tlo, 1e-6), 0, 1))
+        slab_median3.append(median_filter(brain_zscore(t, t > 0), size=3)[t > 0])
     tv = np.concatenate(train_vals)
+    lo, hi = np.percentile(x[fg], [0.5, 99.5])
+    xn = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
     zt = np.abs(xn - tv.mean()) / max(tv.std(), 1e-6)
     rng = np.random.default_rng(seed)
     maps = {
         "flair_zscore": np.where(fg, z, 0),
         "flair_zscore_median3": np.where(fg, median_filter(z, size=3), 0),
+        "flair_zscore_median3_symmetric": np.where(fg, MirrorSuppression()(
+            torch.from_numpy(median_filter(z, size=3)).clamp_min(0.0), torch.from_numpy(x), img.affine,
+            float(np.quantile(np.concatenate(slab_median3), 0.99))).numpy(), 0),
         "normal_intensity_z": np.where(fg, zt, 0),
         "random": np.where(fg, rng.random(x.shape, dtype=np.float32), 0),
     }

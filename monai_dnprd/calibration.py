@@ -7,6 +7,8 @@ After training, the model's voxel scores (inside the foreground) and volume scor
 are summarised. A voxel threshold for a false-positive rate ``fpr`` is the (1 - fpr) quantile of the normal
 voxel scores. Volume scores are few (one per normal volume), so they are modelled as a Gaussian: the volume
 threshold is ``mean + z(1 - fpr) * std`` and the [0, 1] score is the Gaussian CDF of a new volume's score.
+With ``symmetry`` on, calibration also fits the level that the mirror side must exceed (``mirror_threshold``, the
+99th percentile of the map before that step) and summarises the map after it.
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ QUANTILE_LEVELS = np.unique(np.concatenate([np.linspace(0.0, 1.0, 1001), 1.0 - n
 class Calibration:
     """Distribution of normal voxel and volume scores, saved as JSON next to the model."""
 
-    def __init__(self, levels: Sequence[float], values: Sequence[float], volume_scores: Sequence[float], n_voxels: int):
+    def __init__(self, levels: Sequence[float], values: Sequence[float], volume_scores: Sequence[float], n_voxels: int,
+                 mirror_threshold: float | None = None):
         self.levels = np.asarray(levels, dtype=np.float64)
         self.values = np.asarray(values, dtype=np.float64)
         self.volume_scores = np.asarray(volume_scores, dtype=np.float64)
         self.n_voxels = int(n_voxels)
+        self.mirror_threshold = None if mirror_threshold is None else float(mirror_threshold)
 
     @classmethod
-    def from_scores(cls, voxel_values: Sequence[np.ndarray], volume_scores: Sequence[float]) -> Calibration:
+    def from_scores(cls, voxel_values: Sequence[np.ndarray], volume_scores: Sequence[float],
+                    mirror_threshold: float | None = None) -> Calibration:
         """Summarise the foreground voxel scores of normal volumes (list of 1D arrays) and their volume scores."""
         if len(voxel_values) == 0:
             raise ValueError("calibration needs at least one normal volume")
@@ -48,7 +53,11 @@ class Calibration:
         if allv.size == 0:
             raise ValueError("calibration volumes have no foreground voxels")
         values = np.quantile(allv, QUANTILE_LEVELS)
-        return cls(QUANTILE_LEVELS, values, list(volume_scores), allv.size)
+        return cls(QUANTILE_LEVELS, values, list(volume_scores), allv.size, mirror_threshold)
+
+    def symmetry_threshold(self) -> float:
+        """The level the mirror side must exceed (``symmetry``): fitted with it, else this map's 99th percentile."""
+        return self.voxel_threshold(0.01) if self.mirror_threshold is None else self.mirror_threshold
 
     @property
     def volume_mean(self) -> float:
@@ -88,6 +97,7 @@ class Calibration:
             "volume_std": self.volume_std,
             "n_voxels": self.n_voxels,
             "n_volumes": int(self.volume_scores.size),
+            **({} if self.mirror_threshold is None else {"mirror_threshold": self.mirror_threshold}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -102,24 +112,40 @@ class Calibration:
         d = json.loads(Path(path).read_text())
         if d.get("format") != "monai-dnprd-calibration/1":
             raise ValueError(f"{path}: not a monai-dnprd calibration file")
-        return cls(d["levels"], d["values"], d["volume_scores"], d["n_voxels"])
+        return cls(d["levels"], d["values"], d["volume_scores"], d["n_voxels"], d.get("mirror_threshold"))
 
 
 @torch.no_grad()
 def calibrate(volumes: Iterable[dict], network: torch.nn.Module, inferer: Callable, score_q: float = 0.01) -> Calibration:
     """Score preprocessed NORMAL volumes (dicts with ``image`` and ``mask``) and summarise their scores.
 
-    ``volumes`` may be a generator, so that only one volume is held in memory at a time.
+    ``volumes`` may be a generator, so that only one volume is held in memory at a time. With an inferer whose
+    ``symmetry`` is on, the maps are made without that step first; its ``mirror_threshold`` is fitted on them (their
+    99th percentile), set on the inferer, and the scores summarised are those of the maps after the step.
     """
     from monai_dnprd.anomaly_map import top_percent_score
+    from monai_dnprd.inferer import image_affine
+    from monai_dnprd.symmetry import suppress
 
-    voxel_values, volume_scores = [], []
+    symmetric = bool(getattr(inferer, "symmetry", False))
+    if symmetric:
+        inferer.mirror_threshold = None  # raw maps: the threshold is fitted on them
+    voxel_values, mirror_values = [], []
     for d in volumes:
-        pred = inferer(d["image"], network, mask=d["mask"])
-        values = torch.as_tensor(pred)[torch.as_tensor(d["mask"]) > 0]
-        voxel_values.append(values.float().cpu().numpy())
-        volume_scores.append(float(top_percent_score(values, q=score_q)))
-    return Calibration.from_scores(voxel_values, volume_scores)
+        pred = torch.as_tensor(inferer(d["image"], network, mask=d["mask"])).float().cpu()
+        inside = torch.as_tensor(d["mask"])[0].cpu() > 0
+        voxel_values.append(pred[0][inside].numpy())
+        if symmetric:  # the mirror side of each foreground voxel, kept instead of the whole map
+            image = torch.as_tensor(d["image"]).float().cpu()[0]
+            mirror_max = inferer.suppression.mirror_max(pred[0].numpy(), image.numpy(), image_affine(d["image"]))
+            mirror_values.append(mirror_max[inside.numpy()])
+    threshold = None
+    if symmetric:
+        threshold = Calibration.from_scores(voxel_values, [0.0]).voxel_threshold(0.01)
+        voxel_values = [suppress(v, m, threshold) for v, m in zip(voxel_values, mirror_values)]
+        inferer.mirror_threshold = threshold
+    volume_scores = [float(top_percent_score(torch.from_numpy(v), q=score_q)) for v in voxel_values]
+    return Calibration.from_scores(voxel_values, volume_scores, threshold)
 
 
 def calibrate_folder(
@@ -155,7 +181,8 @@ def calibrate_folder(
 
 def calibration_for(models: Sequence, folder: str | Path | None, preprocessing: Callable, network: torch.nn.Module,
                     inferer: Callable, out_path: str | Path, z_sigma: float | None = None,
-                    polarity: str | None = None, grid_phases: int | None = None) -> str | None:
+                    polarity: str | None = None, grid_phases: int | None = None,
+                    symmetry: bool | str | None = None) -> str | None:
     """The calibration file inference uses: made now on the normal volumes of ``folder`` (``--calibration_dir``),
     else the single model's own from training (``ensemble.member_calibration_path``; None for an ensemble)."""
     if folder not in (None, "", "None", "null"):
@@ -163,7 +190,7 @@ def calibration_for(models: Sequence, folder: str | Path | None, preprocessing: 
         return str(calibrate_folder(folder, preprocessing, network, inferer, score_q, Path(out_path) / "calibration.json"))
     from monai_dnprd.ensemble import member_calibration_path
 
-    return member_calibration_path(models, z_sigma, polarity, grid_phases)
+    return member_calibration_path(models, z_sigma, polarity, grid_phases, symmetry)
 
 
 def residual_fit_slices(masks: Sequence[torch.Tensor], max_slices: int, min_foreground: float = 0.15) -> list[tuple[int, int]]:

@@ -28,6 +28,7 @@ from monai.inferers import Inferer
 from monai_dnprd.anomaly_map import check_grid_phases
 from monai_dnprd.calibration import Calibration
 from monai_dnprd.checkpoint import CheckpointError, load_model
+from monai_dnprd.config import as_bool
 from monai_dnprd.inferer import DNPVolumeInferer
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "member_calibration_path",
     "model_polarity",
     "model_grid_phases",
+    "model_symmetry",
     "map_setting_changes",
     "SHARED_PREPROCESSING",
 ]
@@ -123,24 +125,31 @@ def volume_inferer(
     precision: str = "auto",
     polarity: str | None = None,
     grid_phases: int | None = None,
+    symmetry: bool | str | None = None,
 ) -> Inferer:
     """A ``DNPVolumeInferer`` per model, with its own input size, slice neighbours and map settings (smoothing,
-    polarity, grid phases; ``z_sigma``, ``polarity`` and ``grid_phases`` override those of every model when
-    given); an ``EnsembleInferer`` over them if several."""
+    polarity, grid phases, symmetry; ``z_sigma``, ``polarity``, ``grid_phases`` and ``symmetry`` override those
+    of every model when given); an ``EnsembleInferer`` over them if several. With symmetry, each model's mirror
+    threshold comes from the calibration beside it (``Calibration.symmetry_threshold``); ``calibrate`` replaces it
+    when inference recalibrates (``--calibration_dir``)."""
+    symmetry = None if symmetry in (None, "", "None", "null") else as_bool(symmetry)
     inferers = []
     for _, ckpt in models:
         p = ckpt["preprocessing"]
+        symmetric = model_symmetry(p) if symmetry is None else symmetry
         inferers.append(DNPVolumeInferer(
             img_size=p["img_size"], k=p["k"], batch_size=batch_size,
             z_sigma=p["z_sigma"] if z_sigma is None else z_sigma,
             precision=precision,
             polarity=model_polarity(p) if polarity is None else polarity,
             grid_phases=model_grid_phases(p) if grid_phases is None else grid_phases,
+            symmetry=symmetric,
+            mirror_threshold=model_mirror_threshold(ckpt) if symmetric else None,
         ))
     if len(models) == 1:
         return inferers[0]
     changed = sorted({c for _, ckpt in models
-                      for c in map_setting_changes(ckpt["preprocessing"], z_sigma, polarity, grid_phases)})
+                      for c in map_setting_changes(ckpt["preprocessing"], z_sigma, polarity, grid_phases, symmetry)})
     if changed:
         logger.warning(
             "ensemble with %s: each member's normal scale comes from its training calibration, made with its own "
@@ -151,12 +160,13 @@ def volume_inferer(
 
 
 def map_setting_changes(params: dict, z_sigma: float | None = None, polarity: str | None = None,
-                        grid_phases: int | None = None) -> list[str]:
+                        grid_phases: int | None = None, symmetry: bool | None = None) -> list[str]:
     """The inference overrides that differ from the map settings a model was trained and calibrated with."""
     changed = [f"z_sigma {z_sigma}"] if z_sigma is not None and z_sigma != params.get("z_sigma") else []
     changed += [f"polarity {polarity}"] if polarity is not None and polarity != model_polarity(params) else []
     changed += ([f"grid_phases {grid_phases}"]
                 if grid_phases is not None and check_grid_phases(grid_phases) != model_grid_phases(params) else [])
+    changed += [f"symmetry {symmetry}"] if symmetry is not None and symmetry != model_symmetry(params) else []
     return changed
 
 
@@ -165,13 +175,28 @@ def model_polarity(params: dict) -> str:
     return params.get("polarity") or "any"
 
 
+def model_symmetry(params: dict) -> bool:
+    """Whether a model's map was calibrated with the left-right symmetry step (not for models made before it)."""
+    return bool(params.get("symmetry", False))
+
+
+def model_mirror_threshold(ckpt: dict) -> float | None:
+    """The symmetry step's threshold from the calibration beside a model's checkpoint (None, warned, without one)."""
+    path = Path(ckpt["path"]).with_name("calibration.json")
+    if not path.is_file():
+        logger.warning("%s: no calibration.json beside the model, so its map is made without the symmetry step "
+                       "(pass --calibration_dir to fit it)", ckpt["path"])
+        return None
+    return Calibration.load(path).symmetry_threshold()
+
+
 def model_grid_phases(params: dict) -> int:
     """The grid phases a model was calibrated with (1 for models made before the setting)."""
     return int(params.get("grid_phases") or 1)
 
 
 def member_calibration_path(models: Sequence[Model], z_sigma: float | None = None, polarity: str | None = None,
-                            grid_phases: int | None = None) -> str | None:
+                            grid_phases: int | None = None, symmetry: bool | str | None = None) -> str | None:
     """The calibration inference uses without ``--calibration_dir``: the single model's own, or none for an
     ensemble (with a warning: its maps are still written, its thresholds and masks are not).
 
@@ -180,7 +205,8 @@ def member_calibration_path(models: Sequence[Model], z_sigma: float | None = Non
     """
     if len(models) == 1:
         path, params = models[0][1]["path"], models[0][1]["preprocessing"]
-        changed = map_setting_changes(params, z_sigma, polarity, grid_phases)
+        symmetry = None if symmetry in (None, "", "None", "null") else as_bool(symmetry)
+        changed = map_setting_changes(params, z_sigma, polarity, grid_phases, symmetry)
         if changed:
             logger.warning(
                 "%s: its calibration was made with the training run's map settings, not with %s; thresholds and "

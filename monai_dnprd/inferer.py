@@ -3,8 +3,9 @@
 All slices of a volume that hold foreground go through the ``AnomalyMapper`` in batches (resized to the
 network's input size), at two phases of the token grid (``grid_phases``); each slice map is resized back to the
 slice's own in-plane size, stacked back in z, optionally smoothed along z, zeroed outside the foreground and, when
-only bright or dark anomalies are sought, weighted by the voxel's intensity rank (``polarity``). The result carries the input's meta so that MONAI's
-``Invertd`` can bring it back to the original image space.
+only bright or dark anomalies are sought, weighted by the voxel's intensity rank (``polarity``), and lowered where
+the map is as high at the voxel's left-right mirror point (``symmetry``, ``symmetry.MirrorSuppression``). The
+result carries the input's meta so that MONAI's ``Invertd`` can bring it back to the original image space.
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from monai.inferers import Inferer
 
 from monai_dnprd.anomaly_map import check_grid_phases, check_polarity, gaussian_blur1d, phase_min, polarity_gate
 from monai_dnprd.config import autocast_context
+from monai_dnprd.symmetry import MirrorSuppression
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
-__all__ = ["DNPVolumeInferer"]
+__all__ = ["DNPVolumeInferer", "image_affine"]
+
+
+def image_affine(image: torch.Tensor) -> torch.Tensor:
+    """The voxel-to-world affine of a ``MetaTensor`` (the identity for a plain tensor)."""
+    return image.affine if isinstance(image, MetaTensor) else torch.eye(4, dtype=torch.float64)
 
 
 class DNPVolumeInferer(Inferer):
@@ -39,6 +46,10 @@ class DNPVolumeInferer(Inferer):
         polarity: "any" (default), "bright" or "dark": multiply the map by the voxel's intensity rank in the
             foreground (of the first input channel), or by one minus it, when the lesions sought are known to be
             brighter (FLAIR hyperintensities) or darker than the tissue around them (``anomaly_map.polarity_gate``).
+        symmetry: lower the map by the excess of its value at each voxel's left-right mirror point over
+            ``mirror_threshold`` (the 99th percentile of the map on normal volumes, which ``calibrate`` fits and
+            sets); while the threshold is None the map is returned without it.
+        mirror_threshold: see ``symmetry``.
     """
 
     def __init__(
@@ -51,6 +62,8 @@ class DNPVolumeInferer(Inferer):
         precision: str = "fp32",
         polarity: str = "any",
         grid_phases: int = 2,
+        symmetry: bool = False,
+        mirror_threshold: float | None = None,
     ) -> None:
         super().__init__()
         self.img_size = int(img_size)
@@ -62,6 +75,9 @@ class DNPVolumeInferer(Inferer):
         self.polarity = check_polarity(polarity)
         self.grid_phases = check_grid_phases(grid_phases)
         self.resize = ResizeSlices(self.img_size)
+        self.symmetry = bool(symmetry)
+        self.mirror_threshold = None if mirror_threshold is None else float(mirror_threshold)
+        self.suppression = MirrorSuppression()
 
     def slice_maps(self, mapper: torch.nn.Module, stack: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """Anomaly maps ``(N, 1, H, W)`` of one batch of 2.5D slices ``(N, C, H, W)`` at their own size ``out_size``."""
@@ -105,6 +121,8 @@ class DNPVolumeInferer(Inferer):
                 out_s.mul_(gate.movedim(ax, 0))
         # one copy back to the volume's axis order, made outside inference mode (Invertd and writers may modify it)
         volume = out_s.movedim(0, ax).clone(memory_format=torch.contiguous_format)[None]
+        if self.symmetry and self.mirror_threshold is not None:
+            volume[0] = self.suppression(volume[0], vol[0], image_affine(inputs), self.mirror_threshold)
         if isinstance(inputs, MetaTensor):
             result = MetaTensor(volume)
             result.copy_meta_from(inputs)  # affine, original geometry and applied operations, for Invertd

@@ -331,3 +331,60 @@ def test_bundle_configs_train_in_auto_precision_calibrate_and_infer_at_two_grid_
         parser.update({"ckpt_path": str(model), "device": "cpu"})
         inferer = parser.get_parsed_content("inferer")
         assert inferer.grid_phases == 2 and inferer.precision == "auto", workflow
+
+
+def test_volume_inferer_takes_the_models_symmetry_and_its_threshold_from_the_calibration(tmp_path, caplog):
+    from monai_dnprd.ensemble import member_calibration_path
+
+    old = load_models(str(save_member(tmp_path / "old", 0)))  # made before the setting: no symmetry step
+    sym_path = save_member(tmp_path / "sym", 1, q99=0.8, symmetry=True)
+    sym = load_models(str(sym_path))
+    assert not volume_inferer(old).symmetry and volume_inferer(old).mirror_threshold is None
+    inferer = volume_inferer(sym)
+    assert inferer.symmetry and inferer.mirror_threshold == pytest.approx(0.8)  # no fitted level: the map's q99
+    cal = Calibration.load(sym_path.with_name("calibration.json"))
+    cal.mirror_threshold = 1.7
+    cal.save(sym_path.with_name("calibration.json"))
+    assert volume_inferer(sym).mirror_threshold == pytest.approx(1.7)  # the level calibration fitted
+    assert not volume_inferer(sym, symmetry="false").symmetry
+    assert volume_inferer(old, symmetry="true").mirror_threshold == pytest.approx(0.5)
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        member_calibration_path(old, symmetry="true")
+    assert "not with symmetry True" in caplog.text
+    sym_path.with_name("calibration.json").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        assert volume_inferer(sym).mirror_threshold is None
+    assert "without the symmetry step" in caplog.text
+
+
+def test_symmetry_step_leaves_the_geometry_and_is_skipped_without_a_threshold(volume):
+    vol, mask = volume
+    net = tiny_net(0)
+    kw = dict(img_size=16, k=1, batch_size=4)
+    plain = DNPVolumeInferer(**kw)(vol, net, mask=mask)
+    torch.testing.assert_close(DNPVolumeInferer(**kw, symmetry=True)(vol, net, mask=mask).as_tensor(), plain.as_tensor())
+    low = DNPVolumeInferer(**kw, symmetry=True, mirror_threshold=0.0)(vol, net, mask=mask)
+    assert isinstance(low, MetaTensor) and torch.equal(low.affine, vol.affine) and low.shape == plain.shape
+    assert torch.all(low.as_tensor() <= plain.as_tensor() + 1e-6) and low.sum() < plain.sum()
+
+
+def test_bundle_configs_calibrate_and_infer_with_symmetry_and_validate_without(tmp_path):
+    from monai_dnprd.config import workflow_configs
+
+    parser = ConfigParser()
+    parser.read_config(workflow_configs(BUNDLE, "training"))
+    parser.update({"device": "cpu"})
+    assert parser.get_parsed_content("params")["symmetry"] is True  # exported with the model
+    assert parser.get_parsed_content("inferer").symmetry  # the calibration fits its threshold
+    assert not parser.get_parsed_content("validate#inferer").symmetry  # model selection as before the step
+    parser.update({"map#symmetry": "false"})
+    assert parser.get_parsed_content("params")["symmetry"] is False
+    model = save_member(tmp_path, 0, symmetry=True)
+    for workflow in ("inference", "evaluating"):
+        parser = ConfigParser()
+        parser.read_config(workflow_configs(BUNDLE, workflow))
+        parser.update({"ckpt_path": str(model), "device": "cpu"})
+        assert parser.get_parsed_content("inferer").symmetry, workflow
+        parser.update({"symmetry": "false"})
+        assert not parser.get_parsed_content("inferer").symmetry, workflow
