@@ -380,6 +380,10 @@ def test_bundle_configs_calibrate_and_infer_with_symmetry_and_validate_without(t
     assert not parser.get_parsed_content("validate#inferer").symmetry  # model selection as before the step
     parser.update({"map#symmetry": "false"})
     assert parser.get_parsed_content("params")["symmetry"] is False
+    parser = ConfigParser()  # measured on brain MRI only: CT (often not left-right symmetric) trains without it
+    parser.read_config(workflow_configs(BUNDLE, "training"))
+    parser.update({"device": "cpu", "modality": "ct"})
+    assert parser.get_parsed_content("params")["symmetry"] is False
     model = save_member(tmp_path, 0, symmetry=True)
     for workflow in ("inference", "evaluating"):
         parser = ConfigParser()
