@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["setup_logging", "resolve_device", "native_bf16", "resolve_precision", "autocast_context", "workflow_configs", "WORKFLOW_CONFIGS", "as_bool", "input_channels", "validation_lesion_kinds", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
+__all__ = ["setup_logging", "resolve_device", "native_bf16", "resolve_precision", "autocast_context", "workflow_configs", "WORKFLOW_CONFIGS", "as_bool", "optional_bool", "input_channels", "validation_lesion_kinds", "check_cli_overrides", "training_lists", "UnknownOverrideError", "MONAI_RUN_ARGS"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,11 @@ def as_bool(value: Any) -> bool:
     if text in {"false", "no", "0", "off", "none", ""}:
         return False
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def optional_bool(value: Any) -> bool | None:
+    """``as_bool`` of a command-line override, or None when it is unset (None, "", "None", "null")."""
+    return None if value in (None, "", "None", "null") else as_bool(value)
 
 
 def input_channels(channels: int | Sequence[int] | None, k: int) -> int:

@@ -28,7 +28,7 @@ from monai.inferers import Inferer
 from monai_dnprd.anomaly_map import check_grid_phases
 from monai_dnprd.calibration import Calibration
 from monai_dnprd.checkpoint import CheckpointError, load_model
-from monai_dnprd.config import as_bool
+from monai_dnprd.config import optional_bool
 from monai_dnprd.inferer import DNPVolumeInferer
 
 __all__ = [
@@ -132,7 +132,7 @@ def volume_inferer(
     of every model when given); an ``EnsembleInferer`` over them if several. With symmetry, each model's mirror
     threshold comes from the calibration beside it (``Calibration.symmetry_threshold``); ``calibrate`` replaces it
     when inference recalibrates (``--calibration_dir``)."""
-    symmetry = None if symmetry in (None, "", "None", "null") else as_bool(symmetry)
+    symmetry = optional_bool(symmetry)
     inferers = []
     for _, ckpt in models:
         p = ckpt["preprocessing"]
@@ -205,7 +205,7 @@ def member_calibration_path(models: Sequence[Model], z_sigma: float | None = Non
     """
     if len(models) == 1:
         path, params = models[0][1]["path"], models[0][1]["preprocessing"]
-        symmetry = None if symmetry in (None, "", "None", "null") else as_bool(symmetry)
+        symmetry = optional_bool(symmetry)
         changed = map_setting_changes(params, z_sigma, polarity, grid_phases, symmetry)
         if changed:
             logger.warning(
