@@ -114,11 +114,11 @@ def slice_standardised(score: np.ndarray, fg: np.ndarray, axis: int = 2) -> np.n
     return out
 
 
-def brain_zscore(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
-    """Intensities clipped to the brain's 0.5-99.5th percentiles, scaled to [0, 1], then z-scored in the brain."""
+def brain_zscore(x: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The intensities clipped to the brain's 0.5-99.5th percentiles, scaled to [0, 1]; the same z-scored there."""
     lo, hi = np.percentile(x[fg], [0.5, 99.5])
     xn = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
-    return (xn - xn[fg].mean()) / max(xn[fg].std(), 1e-6)
+    return xn, (xn - xn[fg].mean()) / max(xn[fg].std(), 1e-6)
 
 
 def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: list[Path], seed: int = 0,
@@ -133,24 +133,23 @@ def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: lis
     """
     img = nib.load(str(test_flair))
     x = np.asarray(img.dataobj, dtype=np.float32)
-    z = brain_zscore(x, fg)
+    xn, z = brain_zscore(x, fg)
+    z3 = median_filter(z, size=3)
     train_vals, slab_median3 = [], []
     for p in train_slabs:
         t = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
         m = t > np.percentile(t[t > 0], 5) if (t > 0).any() else t > 0
         tlo, thi = np.percentile(t[m], [0.5, 99.5])
         train_vals.append(np.clip((t[m] - tlo) / max(thi - tlo, 1e-6), 0, 1))
-        slab_median3.append(median_filter(brain_zscore(t, t > 0), size=3)[t > 0])
+        slab_median3.append(median_filter(brain_zscore(t, t > 0)[1], size=3)[t > 0])
     tv = np.concatenate(train_vals)
-    lo, hi = np.percentile(x[fg], [0.5, 99.5])
-    xn = np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
     zt = np.abs(xn - tv.mean()) / max(tv.std(), 1e-6)
     rng = np.random.default_rng(seed)
     maps = {
         "flair_zscore": np.where(fg, z, 0),
-        "flair_zscore_median3": np.where(fg, median_filter(z, size=3), 0),
+        "flair_zscore_median3": np.where(fg, z3, 0),
         "flair_zscore_median3_symmetric": np.where(fg, MirrorSuppression()(
-            torch.from_numpy(median_filter(z, size=3)).clamp_min(0.0), torch.from_numpy(x), img.affine,
+            torch.from_numpy(z3).clamp_min(0.0), torch.from_numpy(x), img.affine,
             float(np.quantile(np.concatenate(slab_median3), 0.99))).numpy(), 0),
         "normal_intensity_z": np.where(fg, zt, 0),
         "random": np.where(fg, rng.random(x.shape, dtype=np.float32), 0),
