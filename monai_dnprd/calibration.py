@@ -141,7 +141,7 @@ def calibrate(volumes: Iterable[dict], network: torch.nn.Module, inferer: Callab
             mirror_values.append(mirror_max[inside.numpy()])
     threshold = None
     if symmetric:
-        threshold = Calibration.from_scores(voxel_values, [0.0]).voxel_threshold(0.01)
+        threshold = float(np.quantile(np.concatenate(voxel_values), 0.99))
         voxel_values = [suppress(v, m, threshold) for v, m in zip(voxel_values, mirror_values)]
         inferer.mirror_threshold = threshold
     volume_scores = [float(top_percent_score(torch.from_numpy(v), q=score_q)) for v in voxel_values]

@@ -24,15 +24,11 @@ import SimpleITK as sitk
 import torch
 from scipy.ndimage import maximum_filter
 
-__all__ = ["left_right_axis", "mirror_transform", "mirror_volume", "MirrorSuppression", "suppress"]
+from monai_dnprd.transforms.array import world_axis
+
+__all__ = ["mirror_transform", "mirror_volume", "MirrorSuppression", "suppress"]
 
 logger = logging.getLogger("monai_dnprd")
-
-
-def left_right_axis(affine: np.ndarray | torch.Tensor) -> int:
-    """The voxel axis that runs closest to the world's left-right (RAS x) direction."""
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return int(np.argmax(np.abs(a[0]) / np.linalg.norm(a, axis=0).clip(1e-12)))
 
 
 def _to_sitk(volume: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
@@ -126,7 +122,7 @@ class MirrorSuppression:
         """Per voxel, the largest map value near its mirror point (``volume_map`` and ``image`` (X, Y, Z))."""
         a = np.asarray(affine, dtype=np.float64)
         spacing = np.linalg.norm(a[:3, :3], axis=0)
-        axis = left_right_axis(a)
+        axis = world_axis(a, 0)  # left-right
         transform = mirror_transform(image, spacing, axis, self.resolution_mm)
         mirrored = mirror_volume(volume_map, spacing, transform)
         size = tuple(2 * int(round(self.tolerance_mm / s)) + 1 for s in spacing)

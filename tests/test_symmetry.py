@@ -8,7 +8,8 @@ import torch
 from monai.data import MetaTensor
 
 from monai_dnprd.calibration import Calibration, calibrate
-from monai_dnprd.symmetry import MirrorSuppression, left_right_axis, mirror_transform, mirror_volume, suppress
+from monai_dnprd.symmetry import MirrorSuppression, mirror_transform, mirror_volume, suppress
+from monai_dnprd.transforms.array import world_axis
 
 
 def phantom(centre_x: float = 37.0, angle_deg: float = 0.0, shape=(72, 64, 36)) -> np.ndarray:
@@ -25,11 +26,11 @@ def phantom(centre_x: float = 37.0, angle_deg: float = 0.0, shape=(72, 64, 36)) 
     return img
 
 
-def test_left_right_axis_follows_the_affine():
-    assert left_right_axis(np.diag([2.0, 2.0, 3.0, 1.0])) == 0
+def test_the_left_right_axis_follows_the_affine():
+    assert world_axis(np.diag([2.0, 2.0, 3.0, 1.0]), 0) == 0
     psr = np.array([[0, 0, -2.0, 0], [-2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])  # voxel axes P, S, R/L
-    assert left_right_axis(psr) == 2
-    assert left_right_axis(torch.eye(4)) == 0
+    assert world_axis(psr, 0) == 2 and world_axis(psr, 2) == 1
+    assert world_axis(torch.eye(4), 0) == 0
 
 
 @pytest.mark.parametrize("centre_x, angle", [(37.0, 0.0), (33.5, 7.0), (35.0, 25.0)])

@@ -11,19 +11,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from monai.engines import Evaluator
 
 from monai_dnprd.anomaly_map import top_percent_score
+from monai_dnprd.transforms.array import world_axis
 
 __all__ = ["DNPVolumeEvaluator", "axial_axis"]
 
 
 def axial_axis(affine: Any) -> int:
     """Array axis of a volume that runs along inferior-superior (the axis whose slices are axial)."""
-    a = np.asarray(affine, dtype=float)[:3, :3]
-    return int(np.argmax(np.abs(a[2, :]) / np.maximum(np.linalg.norm(a, axis=0), 1e-12)))
+    return world_axis(affine, 2)
 
 
 class DNPVolumeEvaluator(Evaluator):

@@ -13,6 +13,7 @@ from .array import (
     resample_nearest,
     slice_foreground_fraction,
     voxel_spacing,
+    world_axis,
 )
 from .dictionary import (
     ExclusionMaskd,
@@ -51,4 +52,5 @@ __all__ = [
     "resample_nearest",
     "slice_foreground_fraction",
     "voxel_spacing",
+    "world_axis",
 ]

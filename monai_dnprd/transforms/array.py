@@ -30,6 +30,7 @@ __all__ = [
     "ResizeSlices",
     "SyntheticLesion",
     "voxel_spacing",
+    "world_axis",
     "slice_foreground_fraction",
     "gather_slice_stacks",
 ]
@@ -74,6 +75,13 @@ def voxel_spacing(img: Any, ndim: int = 3) -> np.ndarray:
         if np.all(sp > 0) and n == ndim:
             return sp
     return np.ones(ndim, dtype=np.float64)
+
+
+def world_axis(affine: Any, direction: int) -> int:
+    """The array axis that runs closest to world axis ``direction`` (RAS: 0 left-right, 1 posterior-anterior,
+    2 inferior-superior), whatever the voxel order and spacing."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return int(np.argmax(np.abs(a[direction, :]) / np.maximum(np.linalg.norm(a, axis=0), 1e-12)))
 
 
 def _spatial_axis(axis: int, n_spatial: int) -> int:
