@@ -226,10 +226,24 @@ def inference_pipeline(ckpt: str):
     return mapper, prm, pre, inverse, DNPVolumeInferer(prm["img_size"], prm["k"], z_sigma=prm["z_sigma"], grid_phases=1, precision="fp32")
 
 
+@torch.no_grad()
+def score_folder(mapper, pre, inverse, inferer, test: str, labels: str) -> dict:
+    """Pooled metrics (``VolumeMetricAccumulator.compute``) of ``mapper``'s maps of a labelled test folder, each map on
+    its input's own grid, as ``run evaluating`` scores them."""
+    from monai_dnprd.metrics import VolumeMetricAccumulator
+
+    acc = VolumeMetricAccumulator(axis=2)
+    for f in sorted(glob.glob(f"{test}/*.nii.gz")):
+        d = pre({"image": f})
+        out = inverse({**d, "pred": inferer(d["image"], mapper, mask=d["mask"])})
+        label = np.asarray(nib.load(f"{labels}/{Path(f).name}").dataobj) > 0
+        acc.add(Path(f).name, np.asarray(out["pred"][0]), label=label, mask=np.asarray(out["mask"][0]) > 0)
+    return acc.compute()
+
+
 def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: bool = False) -> dict:
     """Pooled voxel / slice metrics of one variant on the test folder (maps on each input's own grid)."""
     from monai_dnprd.calibration import fit_map_statistics
-    from monai_dnprd.metrics import VolumeMetricAccumulator
 
     names = variant.split("+")  # e.g. "feature_group0+shift2min": one name per kind of change
 
@@ -258,13 +272,7 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: boo
             flip_shift_min_forward(mapper)
         if shift := pick(SHIFTS):
             shifted_forward(mapper, half_patch_shifts(mapper, shift), "min" if shift.endswith("min") else "mean")
-        acc = VolumeMetricAccumulator(axis=2)
-        for f in sorted(glob.glob(f"{test}/*.nii.gz")):
-            d = pre({"image": f})
-            out = inverse({**d, "pred": inferer(d["image"], mapper, mask=d["mask"])})
-            label = np.asarray(nib.load(f"{labels}/{Path(f).name}").dataobj) > 0
-            acc.add(Path(f).name, np.asarray(out["pred"][0]), label=label, mask=np.asarray(out["mask"][0]) > 0)
-        r = acc.compute()
+        r = score_folder(mapper, pre, inverse, inferer, test, labels)
     finally:
         am.pixel_error, am.feature_map = original_pixel, original_feature
     return {"voxel_ap": r["voxel"]["ap"], "voxel_auroc": r["voxel"]["auroc"], "best_dice": r["voxel"]["best_dice"],

@@ -14,16 +14,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from map_variants import inference_pipeline
+from map_variants import inference_pipeline, score_folder
 from monai_dnprd.calibration import fit_map_statistics, residual_fit_slices
-from monai_dnprd.metrics import VolumeMetricAccumulator
 from monai_dnprd.networks.masks import inference_masks
 from monai_dnprd.networks.mim import patchify
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
@@ -103,14 +99,7 @@ def score(ckpt: str, train: str, test: str, labels: str, scaled: bool) -> dict:
     if scaled:
         scale_pixel_errors(mapper, fit_scale_head(mapper, normals, prm["k"], prm["img_size"]))
     fit_map_statistics(mapper, normals, prm["k"], prm["img_size"])
-    acc = VolumeMetricAccumulator(axis=2)
-    for f in sorted(glob.glob(f"{test}/*.nii.gz")):
-        d = pre({"image": f})
-        with torch.no_grad():
-            out = inverse({**d, "pred": inferer(d["image"], mapper, mask=d["mask"])})
-        label = np.asarray(nib.load(f"{labels}/{Path(f).name}").dataobj) > 0
-        acc.add(Path(f).name, np.asarray(out["pred"][0]), label=label, mask=np.asarray(out["mask"][0]) > 0)
-    return acc.compute()["voxel"]
+    return score_folder(mapper, pre, inverse, inferer, test, labels)["voxel"]
 
 
 def main() -> None:
