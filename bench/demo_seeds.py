@@ -11,8 +11,8 @@ plus the spread.
 
 A seed whose ``OUT/seed<N>/evaluation/metrics.json`` exists is not run again (``--force`` re-runs it), so an
 interrupted sweep continues where it stopped; ``--reevaluate`` keeps the trained models and runs the evaluation
-again with ``--eval_extra`` overrides (e.g. another map setting), calibrated again on the demo's validation
-volumes as training calibrates. Besides the bundle metrics, each row gives ``top1_end``: the share
+again with ``--eval_extra`` overrides (e.g. another map setting), calibrated again on the demo's calibration
+set as training calibrates. Besides the bundle metrics, each row gives ``top1_end``: the share
 of the top 1 % of map values in the normal test volumes that lies in the axial slices at the ends of the brain
 (slices holding less than 30 % of the largest slice's brain area). Failing seeds put most of their false
 positives there. ``training`` is the wall time of the training workflow (validations and calibration
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             from monai_dnprd.demo import prepare_demo_data
 
             _bundle("evaluating", ckpt_path=str(run_dir / "models" / "model.pt"), output_dir=str(run_dir / "evaluation"),
-                    calibration_dir=str(prepare_demo_data()["val"]), **json.loads(args.eval_extra))
+                    calibration_dir=str(prepare_demo_data()["calibration"]), **json.loads(args.eval_extra))
         elif args.force or not (run_dir / "evaluation" / "metrics.json").is_file():
             start = time.perf_counter()
             _bundle("training", output_dir=str(run_dir), seed=seed, **extra)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai_dnprd.config import is_unset
+
 __all__ = ["Calibration", "QUANTILE_LEVELS", "calibrate", "calibrate_folder", "calibration_for", "fit_map_statistics", "residual_fit_slices"]
 
 logger = logging.getLogger("monai_dnprd")
@@ -185,7 +187,7 @@ def calibration_for(models: Sequence, folder: str | Path | None, preprocessing: 
                     symmetry: bool | str | None = None) -> str | None:
     """The calibration file inference uses: made now on the normal volumes of ``folder`` (``--calibration_dir``),
     else the single model's own from training (``ensemble.member_calibration_path``; None for an ensemble)."""
-    if folder not in (None, "", "None", "null"):
+    if not is_unset(folder):
         score_q = models[0][1]["preprocessing"]["score_q"]
         return str(calibrate_folder(folder, preprocessing, network, inferer, score_q, Path(out_path) / "calibration.json"))
     from monai_dnprd.ensemble import member_calibration_path

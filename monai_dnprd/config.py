@@ -99,9 +99,14 @@ def as_bool(value: Any) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+def is_unset(value: Any) -> bool:
+    """True for an option left at null; a command-line override may pass it as "", "None" or "null"."""
+    return value in (None, "", "None", "null")
+
+
 def optional_bool(value: Any) -> bool | None:
-    """``as_bool`` of a command-line override, or None when it is unset (None, "", "None", "null")."""
-    return None if value in (None, "", "None", "null") else as_bool(value)
+    """``as_bool`` of a command-line override, or None when it is unset (``is_unset``)."""
+    return None if is_unset(value) else as_bool(value)
 
 
 def input_channels(channels: int | Sequence[int] | None, k: int) -> int:
@@ -221,34 +226,38 @@ def _known_id(config: dict[str, Any], key: str) -> bool:
 
 def training_lists(dataset_dir: str | None, val_dir: str | None = None, val_fraction: float = 0.2,
                    seed: int = 0, exclude_dir: str | None = None) -> dict[str, list[dict]]:
-    """Training and validation datalists: the user's folders, or the embedded demo data when none is given.
+    """Training, validation and calibration datalists: the user's folders, or the embedded demo data when none is
+    given.
 
-    With ``exclude_dir``, volumes get the masks of their known abnormal regions (``data.attach_exclusions``).
+    The calibration volumes (normal scans the thresholds are fitted on at the end of training) are the validation
+    volumes, except for the demo, which has a calibration set of its own (``demo.prepare_demo_data``). With
+    ``exclude_dir``, volumes get the masks of their known abnormal regions (``data.attach_exclusions``).
     """
     from monai_dnprd.data import attach_exclusions, normal_datalists
     from monai_dnprd.io import find_volumes
 
-    if dataset_dir in (None, "", "None", "null"):
+    calibration_dir = None
+    if is_unset(dataset_dir):
         from monai_dnprd.demo import prepare_demo_data
         from monai_dnprd.distributed import rank_zero_first
 
         with rank_zero_first():  # under torchrun the data is made once, by rank 0
             dirs = prepare_demo_data()
-        dataset_dir, val_dir = str(dirs["train"]), str(dirs["val"])
+        dataset_dir, val_dir, calibration_dir = str(dirs["train"]), str(dirs["val"]), str(dirs["calibration"])
         logger.info("no --dataset_dir given: training on the embedded demo data in %s", dirs["root"])
-    if val_dir not in (None, "", "None", "null"):
+    if not is_unset(val_dir):
         train, problems = find_volumes(dataset_dir)
         val, val_problems = find_volumes(val_dir)
         for p in problems + val_problems:
             logger.warning("skipped: %s", p)
     else:
         train, val = normal_datalists(dataset_dir, val_fraction=val_fraction, seed=seed)
-    logger.info("%d training and %d validation volumes", len(train), len(val))
-    if exclude_dir not in (None, "", "None", "null"):
-        train = [dict(d) for d in train]
-        val = [dict(d) for d in val]
+    if not is_unset(exclude_dir):
+        train, val = [dict(d) for d in train], [dict(d) for d in val]
         attach_exclusions(train + val, exclude_dir)
-    return {"train": train, "val": val}
+    calibration = find_volumes(calibration_dir)[0] if calibration_dir else val
+    logger.info("%d training, %d validation and %d calibration volumes", len(train), len(val), len(calibration))
+    return {"train": train, "val": val, "calibration": calibration}
 
 
 def setup_logging(level: int = logging.INFO) -> bool:

@@ -13,6 +13,7 @@ from monai.data import Dataset
 from torch.utils.data import Dataset as TorchDataset
 
 from monai_dnprd.cache import PreprocessedCache, resolve_cache
+from monai_dnprd.config import is_unset
 from monai_dnprd.io import VolumeError, find_volume_error, find_volumes, ignored_summary, scan_volumes
 from monai_dnprd.progress import Progress
 
@@ -120,7 +121,7 @@ def attach_exclusions(items: Sequence[dict], exclude_dir: str | Path | None) -> 
     Returns how many items got a mask; none at all is an error (a wrong folder or other file names would
     otherwise train on the lesions without a word).
     """
-    if exclude_dir in (None, "", "None", "null"):
+    if is_unset(exclude_dir):
         return 0
     masks, problems = find_volumes(exclude_dir)
     for p in problems:

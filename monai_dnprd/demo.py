@@ -8,7 +8,10 @@ made by ``tools/make_demo_brain_masks.py``). From them, deterministically:
 - ``normal_train/``: 12 normal volumes, 6 realistic random variants each of IXI012 and chris (rotation,
   scaling, translation, bias field, contrast, noise), on their own grids;
 - ``normal_val/``: 2 variants of the MNI template (a subject never trained on), for validation with
-  synthetic lesions and for the normal-score calibration;
+  synthetic lesions;
+- ``normal_cal/``: the calibration set (thresholds at a false-positive rate): those 2 MNI variants and 2 held-out
+  variants each of IXI012 and chris (augmentations never trained on). The template alone is a smooth population
+  average that scores unlike real scans: calibrated on it, the threshold flagged a normal test scan;
 - ``test/images`` + ``test/labels``: the held-out subject IXI015, 4 volumes with synthetic lesions (each kind)
   and 2 normal variants, with lesion masks (all zero for the normal ones).
 """
@@ -35,12 +38,14 @@ __all__ = ["demo_root", "prepare_demo_data", "demo_dirs", "write_lesion_test_set
 logger = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "demo_data"
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 _TRAIN_SUBJECTS = ("IXI012-HH-1211_T1.nii.gz", "chris_t1_2mm.nii.gz")
 _VAL_SUBJECT = "mni152_2009a_t1_2mm.nii.gz"
 _TEST_SUBJECT = "IXI015-HH-1258_T1.nii.gz"
 _VARIANTS_PER_TRAIN_SUBJECT = 6
 _VAL_VARIANTS = 2
+_CAL_VARIANTS_PER_TRAIN_SUBJECT = 2
+_CAL_FIRST_SEED = 200  # apart from the training, validation and test seeds
 _TEST_LESION_KINDS = ("hyper", "hypo", "texture", "deform")
 _TEST_NORMALS = 2
 LESION_MIN_DEPTH_MM = 8.0  # lesion centres at least this deep inside the brain
@@ -153,6 +158,7 @@ def demo_dirs(root: str | Path | None = None) -> dict[str, Path]:
         "root": root,
         "train": root / "normal_train",
         "val": root / "normal_val",
+        "calibration": root / "normal_cal",
         "test_images": root / "test" / "images",
         "test_labels": root / "test" / "labels",
     }
@@ -170,19 +176,24 @@ def prepare_demo_data(root: str | Path | None = None, force: bool = False) -> di
         except (ValueError, OSError):
             pass
     logger.info("creating the demo data in %s (first use)", dirs["root"])
-    for key in ("train", "val", "test_images", "test_labels"):
+    for key in ("train", "val", "calibration", "test_images", "test_labels"):
         dirs[key].mkdir(parents=True, exist_ok=True)
-    seed = 0
+    seed, cal_seed = 0, _CAL_FIRST_SEED
     for subject in _TRAIN_SUBJECTS:
         arr, aff = _load(subject)
         stem = subject.split(".")[0].split("_T1")[0].replace("_t1_2mm", "")
         for v in range(_VARIANTS_PER_TRAIN_SUBJECT):
             seed += 1
             write_nifti(_variant(arr, aff, seed), aff, dirs["train"] / f"{stem}_v{v}.nii.gz")
+        for v in range(_CAL_VARIANTS_PER_TRAIN_SUBJECT):
+            write_nifti(_variant(arr, aff, cal_seed), aff, dirs["calibration"] / f"{stem}_cal{v}.nii.gz")
+            cal_seed += 1
     arr, aff = _load(_VAL_SUBJECT)
     for v in range(_VAL_VARIANTS):
         seed += 1
-        write_nifti(_variant(arr, aff, seed), aff, dirs["val"] / f"mni152_v{v}.nii.gz")
+        vol = _variant(arr, aff, seed)
+        for key in ("val", "calibration"):
+            write_nifti(vol, aff, dirs[key] / f"mni152_v{v}.nii.gz")
     write_lesion_test_set(_TEST_SUBJECT, dirs["test_images"], dirs["test_labels"], prefix="IXI015", first_seed=seed + 1)
     stamp.write_text(json.dumps({"fingerprint": fp, "version": DEMO_VERSION}))
     return dirs

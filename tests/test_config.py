@@ -1,6 +1,8 @@
-"""Command-line override validation, flags and device choice."""
+"""Command-line override validation, flags, device choice and the training datalists."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -77,3 +79,15 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             resolve_device("cuda")
+
+
+
+def test_training_calibrates_on_the_validation_volumes(tiny_data):
+    """Outside the demo (tests/test_demo.py) the thresholds come from the validation volumes."""
+    from monai_dnprd.config import training_lists
+
+    lists = training_lists(str(tiny_data["train"]), str(tiny_data["val"]))
+    assert lists["calibration"] is lists["val"] and [d["name"] for d in lists["val"]] == ["mni"]
+    handlers = json.loads((BUNDLE / "configs" / "train.json").read_text())["train"]["handlers"]
+    handler = next(h for h in handlers if h["_target_"].endswith("CalibrationHandler"))
+    assert handler["datalist"] == "$@data#lists['calibration']"

@@ -40,6 +40,7 @@ def cohort(tmp_path_factory):
 def test_demo_cohort_is_skull_stripped_with_lesions_inside_the_brain(cohort):
     train = sorted(cohort["train"].glob("*.nii.gz"))
     assert len(train) == 12 and len(list(cohort["val"].glob("*.nii.gz"))) == 2
+    assert len(list(cohort["calibration"].glob("*.nii.gz"))) == 6
     # a training variant keeps the brain's size: nothing of the scalp or neck came back
     v = nib.load(str(train[0]))
     ml = (np.asarray(v.dataobj) > 0).sum() * float(np.prod(v.header.get_zooms()[:3])) / 1000.0
@@ -61,3 +62,26 @@ def test_demo_data_is_made_once(cohort):
     again = demo.prepare_demo_data(cohort["root"])
     assert again == cohort and stamp.stat().st_mtime_ns == before
     assert json.loads(stamp.read_text())["version"] == demo.DEMO_VERSION
+
+
+def test_demo_calibrates_on_held_out_scans_of_its_subjects_beside_the_template(cohort, monkeypatch):
+    from monai_dnprd.config import training_lists
+
+    def arrays(folder, pattern):
+        return {p.name: np.asarray(nib.load(str(p)).dataobj) for p in sorted(folder.glob(pattern))}
+
+    for stem in ("IXI012-HH-1211", "chris"):
+        held_out = arrays(cohort["calibration"], f"{stem}_cal*.nii.gz")
+        trained = arrays(cohort["train"], f"{stem}_v*.nii.gz")
+        assert len(held_out) == 2 and len(trained) == 6
+        # other augmentations of the same subject: same grid, never one of the training volumes
+        for a in held_out.values():
+            assert all(a.shape == b.shape and not np.array_equal(a, b) for b in trained.values())
+    template, val = arrays(cohort["calibration"], "mni152_*"), arrays(cohort["val"], "*")
+    assert template.keys() == val.keys() and all(np.array_equal(a, val[n]) for n, a in template.items())
+
+    monkeypatch.setenv("MONAI_DNPRD_DEMO_DIR", str(cohort["root"]))
+    lists = training_lists(None)  # the demo, as `run training` without --dataset_dir
+    assert sorted(d["name"] for d in lists["calibration"]) == sorted(
+        p.name.split(".")[0] for p in cohort["calibration"].glob("*.nii.gz"))
+    assert len(lists["val"]) == 2 and len(lists["train"]) == 12

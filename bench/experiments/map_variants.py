@@ -17,7 +17,8 @@ inference default since: ``anomaly_map.phase_min``), ``shift3min`` (three diagon
 apart) and ``shift4min`` (all four half-patch shifts); ``flipshift2min``: the minimum over the slice and the
 slice flipped and shifted by half a patch; ``feature_group0`` / ``feature_group1``: the feature part from the
 shallower or the deeper feature group alone; ``group_gm``: the feature part as the geometric mean of the groups'
-positive z-scores. Names joined by ``+`` combine (``feature_group0+shift2min``).
+positive z-scores; ``residual_z_part``: the feature part's token distance is the residual's z-score alone (no
+cosine factor). Names joined by ``+`` combine (``feature_group0+shift2min``).
 
     python bench/experiments/map_variants.py --ckpt RUN/models/model.pt --train DIR --test DIR --labels DIR \\
         --variants default tissue patch_mean
@@ -156,6 +157,10 @@ FLIPS = ("flipshift2min",)
 
 SLICE_MEDIANS = {"slice_median_feature": ("feature",), "slice_median_both": ("feature", "pixel")}
 
+# the feature part's token distance: the residual's per-channel z-score alone, without the cosine factor (which is
+# blind to a residual along the token's own direction, as a change of the tissue's intensity gives)
+TOKEN_DISTANCES = {"residual_z_part": lambda target, recon, metric, stats: am.residual_zscore(target, recon, *stats)}
+
 # the feature part from one feature group only (group 0: the shallower taps, group 1: the deeper ones)
 FEATURE_GROUPS = {"feature_group0": 0, "feature_group1": 1}
 
@@ -191,7 +196,7 @@ def group_gm_feature_map(mapper, normals, prm, feature_map):
 
 
 VARIANT_NAMES = ("default", "cosine_residual_z", "cosine", *PIXEL_ERRORS, *COMBINATIONS, *SLICE_MEDIANS, *SHIFTS, *FLIPS,
-                 *FEATURE_GROUPS, "group_gm")
+                 *FEATURE_GROUPS, "group_gm", *TOKEN_DISTANCES)
 
 GEOMETRY_TRANSFORMS = ("LoadVolumed", "Orientationd", "OptionalSpacingd", "CropForegroundd", "SquarePadd")
 
@@ -250,8 +255,9 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: boo
     def pick(table) -> str | None:
         return next((n for n in names if n in table), None)
 
-    original_pixel, original_feature = am.pixel_error, am.feature_map
+    original_pixel, original_feature, original_distance = am.pixel_error, am.feature_map, am.token_distance
     am.pixel_error = PIXEL_ERRORS.get(pick(PIXEL_ERRORS), original_pixel)
+    am.token_distance = TOKEN_DISTANCES.get(pick(TOKEN_DISTANCES), original_distance)
     if group := pick(FEATURE_GROUPS):
         am.feature_map = one_group_feature_map(FEATURE_GROUPS[group], original_feature)
     try:
@@ -274,7 +280,7 @@ def score(ckpt: str, variant: str, train: str, test: str, labels: str, bf16: boo
             shifted_forward(mapper, half_patch_shifts(mapper, shift), "min" if shift.endswith("min") else "mean")
         r = score_folder(mapper, pre, inverse, inferer, test, labels)
     finally:
-        am.pixel_error, am.feature_map = original_pixel, original_feature
+        am.pixel_error, am.feature_map, am.token_distance = original_pixel, original_feature, original_distance
     return {"voxel_ap": r["voxel"]["ap"], "voxel_auroc": r["voxel"]["auroc"], "best_dice": r["voxel"]["best_dice"],
             "slice_auroc": r["slice"]["auroc"]}
 
