@@ -276,3 +276,41 @@ def test_autocast_auto_is_bf16_where_the_hardware_has_it(monkeypatch):
         autocast_context(torch.device("cpu"), "fp64")
     with pytest.raises(ValueError, match="CUDA"):
         autocast_context(torch.device("cpu"), "fp16")
+
+
+def test_prototype_monitor_counts_visible_tissue_tokens_only():
+    """Background tokens (alike, on prototypes of their own) must not make a collapse on tissue look diverse."""
+    from monai_dnprd.anomaly_map import prototype_usage
+    from monai_dnprd.engines.trainer import monitored_tokens
+    from monai_dnprd.losses import token_tissue
+
+    mask = torch.zeros(1, 1, 4, 8)
+    mask[..., :, :4] = 1  # the left half of the slice is tissue: tokens 0-1 of each row (patch 2)
+    tissue = token_tissue(mask, 2)
+    hide = torch.zeros(1, 8, dtype=torch.bool)
+    hide[0, 0] = True  # one tissue token hidden
+    assignments = torch.tensor([[5, 0, 1, 2, 0, 0, 3, 4]])  # tissue on prototype 0, background spread
+    counted = monitored_tokens(hide, tissue=tissue)
+    assert counted.tolist() == [[False, True, False, False, True, True, False, False]]
+    usage = prototype_usage(assignments[counted], 6)
+    assert usage.tolist() == [3, 0, 0, 0, 0, 0]  # all tokens counted: the largest share would read 3 / 7
+    keep = torch.ones(1, 1, 2, 4)
+    keep[0, 0, 1, 0] = 0  # an excluded (known lesion) token
+    assert monitored_tokens(hide, keep, tissue).tolist() == [[False, True, False, False, False, True, False, False]]
+
+
+def test_training_slices_carry_their_foreground_mask():
+    """The prototype monitor needs each training slice's foreground: the slice transforms must keep it."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE
+
+    from monai_dnprd.config import workflow_configs
+
+    parser = ConfigParser()
+    parser.read_config(workflow_configs(BUNDLE, "training"))
+    transforms = parser.get_parsed_content("slice_transforms")
+    sample = {"image": torch.rand(3, 40, 40), "mask": (torch.rand(1, 40, 40) > 0.5).float()}
+    out = transforms(sample)
+    size = parser["img_size"]
+    assert out["image"].shape == (3, size, size) and out["mask"].shape == (1, size, size)

@@ -169,9 +169,9 @@ class TrainingLogger:
             self._used.append(stats.get("prototypes_used", float("nan")))
             full = len(self._shares) == self.window
             if full and it % self.window == 0 and sum(self._shares) / self.window > 0.5:
-                logger.warning("prototype collapse: over the last %d iterations one prototype held %.0f%% of the tokens "
-                               "on average (%.1f prototypes in use)", self.window, 100 * sum(self._shares) / self.window,
-                               sum(self._used) / self.window)
+                logger.warning("prototype collapse: over the last %d iterations one prototype held %.0f%% of the "
+                               "tissue tokens on average (%.1f prototypes in use)", self.window,
+                               100 * sum(self._shares) / self.window, sum(self._used) / self.window)
 
     def prototype_use(self) -> dict[str, float] | None:
         """Means of the prototype monitors over the last ``window`` DNP iterations (None before any)."""
