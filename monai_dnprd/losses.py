@@ -11,19 +11,13 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover
     from .networks.dnp import DNPOutput
 
-__all__ = ["token_keep", "token_tissue", "soft_mining_weights", "soft_mining_cosine_loss", "daa_loss", "prototype_balance_loss", "DNPLoss"]
+__all__ = ["token_keep", "soft_mining_weights", "soft_mining_cosine_loss", "daa_loss", "prototype_balance_loss", "DNPLoss"]
 
 
 def token_keep(exclude: Tensor, patch_size: int) -> Tensor:
     """(B, 1, H, W) exclusion of the input slices (> 0 = known lesion) -> (B, 1, H/p, W/p) float, 1 = a token
     with no excluded pixel, the only tokens that training learns from."""
     return (F.max_pool2d(exclude.float(), patch_size) <= 0).float()
-
-
-def token_tissue(mask: Tensor, patch_size: int) -> Tensor:
-    """(B, 1, H, W) foreground mask of the input slices -> (B, 1, H/p, W/p) float, 1 = a token at least half of
-    whose patch is foreground (tissue, not background)."""
-    return (F.avg_pool2d(mask.float(), patch_size) >= 0.5).float()
 
 
 @torch.no_grad()

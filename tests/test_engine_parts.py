@@ -281,8 +281,7 @@ def test_autocast_auto_is_bf16_where_the_hardware_has_it(monkeypatch):
 def test_prototype_monitor_counts_visible_tissue_tokens_only():
     """Background tokens (alike, on prototypes of their own) must not make a collapse on tissue look diverse."""
     from monai_dnprd.anomaly_map import prototype_usage
-    from monai_dnprd.engines.trainer import monitored_tokens
-    from monai_dnprd.losses import token_tissue
+    from monai_dnprd.engines.trainer import monitored_tokens, token_tissue
 
     mask = torch.zeros(1, 1, 4, 8)
     mask[..., :, :4] = 1  # the left half of the slice is tissue: tokens 0-1 of each row (patch 2)
@@ -297,6 +296,16 @@ def test_prototype_monitor_counts_visible_tissue_tokens_only():
     keep = torch.ones(1, 1, 2, 4)
     keep[0, 0, 1, 0] = 0  # an excluded (known lesion) token
     assert monitored_tokens(hide, keep, tissue).tolist() == [[False, True, False, False, False, True, False, False]]
+
+
+def test_token_tissue_needs_half_the_patch():
+    from monai_dnprd.engines.trainer import token_tissue
+
+    mask = torch.zeros(1, 1, 4, 8)
+    mask[..., :2, :2] = 1  # a full 2 x 2 patch
+    mask[..., 0, 2:4] = 1  # half a patch
+    mask[..., 0, 4] = 1  # a quarter
+    assert token_tissue(mask, 2)[0, 0].tolist() == [[True, True, False, False], [False, False, False, False]]
 
 
 def test_training_slices_carry_their_foreground_mask():

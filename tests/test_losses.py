@@ -13,7 +13,6 @@ from monai_dnprd.losses import (
     prototype_balance_loss,
     soft_mining_cosine_loss,
     soft_mining_weights,
-    token_tissue,
 )
 from monai_dnprd.networks import DNPOutput
 
@@ -200,10 +199,3 @@ def test_dnp_loss_hidden_tokens_split_the_terms():
     excl[..., 0, 0] = 0
     torch.testing.assert_close(DNPLoss()(out2, keep=excl)["sm"], DNPLoss()(out, keep=excl)["sm"])
 
-
-def test_token_tissue_needs_half_the_patch():
-    mask = torch.zeros(1, 1, 4, 8)
-    mask[..., :2, :2] = 1  # a full 2 x 2 patch
-    mask[..., 0, 2:4] = 1  # half a patch
-    mask[..., 0, 4] = 1  # a quarter
-    assert token_tissue(mask, 2)[0, 0].tolist() == [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]

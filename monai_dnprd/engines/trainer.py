@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
@@ -19,19 +20,25 @@ from monai.utils.enums import CommonKeys as Keys
 from monai_dnprd.anomaly_map import group_feature_spread, prototype_usage
 from monai_dnprd.config import autocast_context
 from monai_dnprd.distributed import average_gradients, is_distributed
-from monai_dnprd.losses import token_keep, token_tissue
+from monai_dnprd.losses import token_keep
 from monai_dnprd.networks.ema import ema_update
 from monai_dnprd.networks.masks import random_checkerboard_mask
 from monai_dnprd.networks.mim import mim_loss
 
-__all__ = ["DNPTrainer", "monitored_tokens"]
+__all__ = ["DNPTrainer", "monitored_tokens", "token_tissue"]
+
+
+def token_tissue(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, 1, H, W) foreground mask of the input slices -> (B, 1, H/p, W/p) bool: tokens at least half of whose
+    patch is foreground (tissue, not background)."""
+    return F.avg_pool2d(mask.float(), patch_size) >= 0.5
 
 
 def monitored_tokens(hide: torch.Tensor, keep: torch.Tensor | None = None,
                      tissue: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N) bool: the tokens the prototype monitor counts. Visible ones (the prototypes are read from them), not
-    excluded (``keep``, (B, 1, h, w)), and tissue (``tissue``, (B, 1, h, w)): background tokens are alike and
-    would fill prototypes of their own, making the share look diverse while the tissue sits on one prototype."""
+    excluded (``keep``, (B, 1, h, w)), and tissue (``token_tissue``): background tokens are alike and would fill
+    prototypes of their own, making the share look diverse while the tissue sits on one prototype."""
     counted = ~hide
     for m in (keep, tissue):
         if m is not None:
@@ -89,10 +96,7 @@ class DNPTrainer(SupervisedTrainer):
         keep = None  # tokens of known lesions (exclusion masks) are left out of every loss
         if exclude is not None:
             keep = token_keep(torch.as_tensor(exclude).to(images.device), net.encoder.patch_size)
-        fg = batchdata.get("mask") if isinstance(batchdata, dict) else None
-        tissue = None  # the prototype monitor counts tokens mostly inside the foreground (background tokens are alike)
-        if fg is not None:
-            tissue = token_tissue(torch.as_tensor(fg).to(images.device), net.encoder.patch_size)
+        fg = batchdata.get("mask") if isinstance(batchdata, dict) else None  # for the prototype monitor
         it = engine.state.iteration  # 1-based, already incremented by Ignite
         warmup = it <= engine.warmup_iterations
         engine.network.train()
@@ -121,6 +125,8 @@ class DNPTrainer(SupervisedTrainer):
                 stats.update({k: float(v.detach()) for k, v in losses.items() if k != "loss"})
                 with torch.no_grad():
                     stats["teacher_spread"] = float(group_feature_spread(out.targets))
+                    tissue = None if fg is None else token_tissue(torch.as_tensor(fg).to(images.device),
+                                                                  net.encoder.patch_size)
                     assignments = out.assignments[monitored_tokens(hide, keep, tissue)]
                     usage = prototype_usage(assignments, out.prototypes.shape[1]).float()
                     stats["prototypes_used"] = float((usage > 0).sum())
