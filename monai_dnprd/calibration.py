@@ -218,6 +218,7 @@ def fit_map_statistics(
     max_slices: int = 256,
     min_foreground: float = 0.15,
     batch_size: int = 32,
+    precision: str = "fp32",
 ) -> int:
     """Fit and store the map's statistics of normal tissue (``AnomalyMapper`` buffers) on normal training slices.
 
@@ -225,9 +226,12 @@ def fit_map_statistics(
     those that touch an item's ``exclude`` region: known lesions); then, for ``feature_pixel``, the mean/std of
     the feature map and of the pixel error over the foreground pixels of the same slices. ``volumes`` are
     preprocessed items (``image`` (C, X, Y, Z), ``mask``). The mapper runs in eval mode and its mode is
-    restored. Returns the token count (0 for the ``cosine`` map, which needs no statistics).
+    restored. ``precision`` is the network's autocast (``config.autocast_context``): give the precision the maps
+    will be made in, so that the statistics scale maps of the same numerics (bf16 also halves the fit's time).
+    Returns the token count (0 for the ``cosine`` map, which needs no statistics).
     """
     from monai_dnprd.anomaly_map import ResidualMoments
+    from monai_dnprd.config import autocast_context
     from monai_dnprd.losses import token_keep
     from monai_dnprd.progress import progress
     from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
@@ -252,7 +256,8 @@ def fit_map_statistics(
             ex = volumes[v].get("exclude")
             idx = torch.tensor([z for vv, z in pairs if vv == v])
             for chunk in idx.split(batch_size):  # native-size stacks one batch at a time (CT slices are large)
-                out = net(resize(gather_slice_stacks(vol, chunk, k)).to(device))
+                with autocast_context(device, precision):
+                    out = net(resize(gather_slice_stacks(vol, chunk, k)).to(device))
                 keep = None
                 if ex is not None:
                     stack = gather_slice_stacks(torch.as_tensor(ex).float(), chunk, k).amax(1, keepdim=True)

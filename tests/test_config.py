@@ -91,3 +91,10 @@ def test_training_calibrates_on_the_validation_volumes(tiny_data):
     handlers = json.loads((BUNDLE / "configs" / "train.json").read_text())["train"]["handlers"]
     handler = next(h for h in handlers if h["_target_"].endswith("CalibrationHandler"))
     assert handler["datalist"] == "$@data#lists['calibration']"
+
+
+def test_training_fits_the_map_statistics_in_the_inference_precision():
+    """The statistics scale the maps inference makes, so they are fitted in the same numerics (bf16 on this CPU)."""
+    handlers = json.loads((BUNDLE / "configs" / "train.json").read_text())["train"]["handlers"]
+    stats = next(h for h in handlers if h["_target_"].endswith("MapStatsHandler"))
+    assert stats["precision"] == "@map#precision"

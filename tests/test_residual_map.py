@@ -205,6 +205,26 @@ def test_fit_map_statistics_of_feature_pixel_scale_both_parts_on_normal_foregrou
     assert fit_map_statistics(cos, vols, k=1, img_size=32) == 0 and int(cos.fitted_tokens) == 0
 
 
+def test_fit_map_statistics_runs_the_network_in_the_precision_of_the_maps():
+    """Fitted in bf16, the statistics are the moments of the bf16 network's residuals (the maps they scale are
+    made in bf16 at inference), not of the fp32 network's."""
+    vols = [_volume(0), _volume(1)]
+    seen = []
+    fp32, bf16 = tiny_mapper("cosine_residual_z"), tiny_mapper("cosine_residual_z")
+    bf16.network.register_forward_hook(lambda mod, inp, out: seen.append(torch.is_autocast_enabled("cpu")))
+    fit_map_statistics(fp32, vols, k=1, img_size=32, max_slices=6, batch_size=4)
+    fit_map_statistics(bf16, vols, k=1, img_size=32, max_slices=6, batch_size=4, precision="bf16")
+    assert seen and all(seen)
+    x, _ = _fit_inputs(vols, 6)
+    bf16.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bf16.network(x)
+    res = (out.targets[0].float() - out.recons[0].float()).movedim(1, -1).reshape(-1, 32)
+    mean = bf16.residual_stats()[0][0]
+    assert torch.allclose(mean, res.mean(0), atol=1e-5)
+    assert not torch.allclose(mean, fp32.residual_stats()[0][0], atol=1e-5)
+
+
 def test_fit_map_statistics_leave_known_lesions_out_of_both_stages():
     """Tokens that touch an item's ``exclude`` region count neither in the residual moments nor, for
     ``feature_pixel``, in the map moments (their pixels leave the foreground the parts are measured on)."""
@@ -255,9 +275,16 @@ def test_map_stats_handler_fits_before_validation_once_per_iteration(monkeypatch
     trainer.state.iteration = 6
     evaluator.run([0])
     assert int(m.fitted_tokens) == 4 * 16
-    # a cosine map is never fitted
+    # the fit runs in the handler's precision (the bundle passes the inference precision, map#precision)
     import monai_dnprd.engines.handlers as handlers
 
+    precisions = []
+    monkeypatch.setattr(handlers, "fit_map_statistics", lambda *a, **k: precisions.append(a[-1]) or 0)
+    bf16_trainer, bf16_eval = Engine(lambda e, b: None), Engine(lambda e, b: None)
+    MapStatsHandler(m, [_volume(0)], k=1, img_size=32, evaluator=bf16_eval, precision="bf16").attach(bf16_trainer)
+    bf16_eval.run([0])
+    assert precisions == ["bf16"]
+    # a cosine map is never fitted
     calls = []
     monkeypatch.setattr(handlers, "fit_map_statistics", lambda *a, **k: calls.append(1) or 0)
     cos_trainer, cos_eval = Engine(lambda e, b: None), Engine(lambda e, b: None)

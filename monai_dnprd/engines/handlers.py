@@ -359,12 +359,13 @@ class MapStatsHandler:
 
     Before every validation run (``evaluator`` STARTED) and at the end of training (before export and
     calibration: list it before those handlers), unless already fitted at this iteration. ``volumes`` are the
-    preprocessed normal training volumes. Does nothing for the paper's ``cosine`` map.
+    preprocessed normal training volumes; ``precision``, the network's autocast while fitting, is the inference
+    precision (``fit_map_statistics``). Does nothing for the paper's ``cosine`` map.
     """
 
     def __init__(self, mapper: torch.nn.Module, volumes: Sequence[dict], k: int, img_size: int,
                  evaluator: Engine | None = None, max_slices: int = 256, min_foreground: float = 0.15,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, precision: str = "fp32") -> None:
         self.mapper = mapper
         self.volumes = volumes
         self.k = int(k)
@@ -373,6 +374,7 @@ class MapStatsHandler:
         self.max_slices = int(max_slices)
         self.min_foreground = float(min_foreground)
         self.batch_size = int(batch_size)
+        self.precision = precision
         self._fitted_at: int | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -386,7 +388,7 @@ class MapStatsHandler:
         if rank() != 0 or self._fitted_at == trainer.state.iteration:
             return
         n = fit_map_statistics(self.mapper, self.volumes, self.k, self.img_size, self.max_slices,
-                               self.min_foreground, self.batch_size)
+                               self.min_foreground, self.batch_size, self.precision)
         self._fitted_at = trainer.state.iteration
         logger.debug("map statistics fitted on %d tokens at iteration %d", n, trainer.state.iteration)
 
