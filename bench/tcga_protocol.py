@@ -4,7 +4,9 @@ Protocol (docs/benchmarks.md): train on the tumour-free axial slabs (slices at l
 labelled voxel) of one case, test on the whole other case, and the reverse. Normal validation (model
 selection with synthetic lesions, calibration) uses the same tumour-free slabs: no real lesion is ever seen
 before the test. Baselines on the same volumes and masks: (a) FLAIR intensity z-scored in the brain,
-median-filtered; (b) per-voxel z-score against the normal training intensities; (c) random.
+median-filtered; (b) per-voxel z-score against the normal training intensities; (c) random. Every map is scored
+inside the test volume's brain as the bundle's preprocessing finds it (``brain_mask``), a region that does not
+depend on the model.
 
 Usage: python bench/tcga_protocol.py [--data ../shared/data/tcga_lgg] [--out runs/bench_tcga] [--iterations 700]
        [--sequences fla t2]   (the model reads FLAIR and T2 as the channels of 4D inputs; baselines: FLAIR)
@@ -31,6 +33,7 @@ import torch
 from scipy.ndimage import gaussian_filter, median_filter
 
 from monai_dnprd.symmetry import MirrorSuppression
+from monai_dnprd.transforms.array import ForegroundMask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +117,14 @@ def slice_standardised(score: np.ndarray, fg: np.ndarray, axis: int = 2) -> np.n
     return out
 
 
+def brain_mask(volume: Path | nib.Nifti1Image) -> np.ndarray:
+    """The brain of a test volume as the bundle's preprocessing and evaluation find it (``ForegroundMask``, the
+    MRI rule: Otsu on the first channel, holes filled): where every map is scored, the same for every model."""
+    img = volume if isinstance(volume, nib.Nifti1Image) else nib.load(str(volume))
+    x = np.asarray(img.dataobj, dtype=np.float32)
+    return np.asarray(ForegroundMask()((x[..., 0] if x.ndim == 4 else x)[None]))[0] > 0
+
+
 def brain_zscore(x: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The intensities clipped to the brain's 0.5-99.5th percentiles, scaled to [0, 1]; the same z-scored there."""
     lo, hi = np.percentile(x[fg], [0.5, 99.5])
@@ -173,7 +184,7 @@ def case_metrics(score: np.ndarray, label: np.ndarray, fg: np.ndarray) -> dict[s
 
 def score_case(work: Path, image: Path | nib.Nifti1Image, seg: Path, ckpt: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score one whole case with a trained model: the case under ``work/test``, its label under ``work/labels``,
-    the bundle's evaluation into ``work/eval``. Returns the map, the label and the foreground (map > 0)."""
+    the bundle's evaluation into ``work/eval``. Returns the map, the label and the brain (``brain_mask``)."""
     (work / "test").mkdir(parents=True)
     (work / "labels").mkdir()
     if isinstance(image, nib.Nifti1Image):
@@ -185,7 +196,7 @@ def score_case(work: Path, image: Path | nib.Nifti1Image, seg: Path, ckpt: Path)
                output_dir=str(work / "eval"), ckpt_path=str(ckpt), report="false")
     model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
     label = np.asarray(nib.load(str(work / "labels" / "case.nii.gz")).dataobj) > 0
-    return model_map, label, model_map > 0
+    return model_map, label, brain_mask(work / "test" / "case.nii.gz")
 
 
 def own_case(work: Path, train_case: Path, gap: int = 2, sequences: tuple[str, ...] = ("fla",)) -> dict:
@@ -370,7 +381,7 @@ def main() -> None:
                        report="false")
         model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
         label = np.asarray(nib.load(str(label_dir / "case.nii.gz")).dataobj) > 0
-        fg = model_map > 0
+        fg = brain_mask(test_dir / "case.nii.gz")
         maps = {"dnp_conformer": model_map,
                 **baselines(flair_test_volume(work), label_dir / "case.nii.gz", fg, train_slabs, model_map=model_map)}
         results[tag] = {"train_seconds": train_s, "foreground_voxels": int(fg.sum()), "lesion_voxels": int((label & fg).sum())}
