@@ -198,4 +198,3 @@ def test_dnp_loss_hidden_tokens_split_the_terms():
     excl = torch.ones(1, 1, 2, 2)
     excl[..., 0, 0] = 0
     torch.testing.assert_close(DNPLoss()(out2, keep=excl)["sm"], DNPLoss()(out, keep=excl)["sm"])
-
