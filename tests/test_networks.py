@@ -22,9 +22,12 @@ from monai_dnprd.networks import (
     mim_loss,
     patchify,
     checkerboard_mask,
+    hidden_index,
     inference_masks,
+    put_tokens,
     random_checkerboard_mask,
     random_patch_mask,
+    take_tokens,
 )
 
 TINY = dict(img_size=32, patch_size=8, vit="tiny", embed_dim=32, num_heads=2)
@@ -139,6 +142,46 @@ def test_training_pass_hides_the_masked_tokens_and_prototypes_read_the_visible_o
     for ra, rb in zip(a.recons, b.recons):
         torch.testing.assert_close(ra, rb)
     assert torch.equal(a.hidden, hide)
+
+
+def test_hidden_index_takes_each_rows_hidden_tokens_and_put_tokens_puts_them_back():
+    mask = torch.tensor([[True, False, True, False, True], [False, False, True, False, False]])
+    idx = hidden_index(mask)
+    assert idx.tolist()[0] == [0, 2, 4] and idx.tolist()[1][0] == 2  # row 1 filled up with visible tokens
+    t = torch.randn(2, 5, 3)
+    back = put_tokens(take_tokens(t, idx), idx, 5)
+    picked = torch.zeros(2, 5, dtype=torch.bool).scatter(1, idx, True)
+    assert torch.equal(back[picked], t[picked]) and not back[~picked].any()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_decoding_only_the_hidden_tokens_changes_no_value(training):
+    """The decoder and the pixel head treat tokens one by one, so decoding the hidden tokens alone gives the very
+    values a full decode gives there (the same dropout draws in training) and 0 at the visible tokens."""
+    m = tiny_model(4, mask_block=1).train(training)
+    with torch.no_grad():
+        for p in m.parameters():  # a decoder far from its near-zero init, so that every token's output differs
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32)
+    hide = random_checkerboard_mask(2, (4, 4), 1, generator=torch.Generator().manual_seed(0))
+    last = len(m.encoder.blocks) - 1
+    with torch.no_grad():
+        feats = m.encoder(x, [*m.taps, last], mask=hide)
+        f = torch.stack(feats[:-1]).mean(0)
+        protos = m.extractor(f, ~hide)
+        torch.manual_seed(1)
+        full = m.reconstruct(f, protos, (4, 4))
+        torch.manual_seed(1)
+        part = m.reconstruct(f, protos, (4, 4), hidden_index(hide))
+        torch.manual_seed(1)
+        out = m(x, mask=hide)
+    grid_hide = hide.reshape(2, 1, 4, 4).expand_as(full[0])
+    for a, b, c in zip(full, part, out.recons):
+        assert torch.equal(a[grid_hide], b[grid_hide]) and torch.equal(a[grid_hide], c[grid_hide])
+        assert not b[~grid_hide].any() and (a[~grid_hide] != 0).all()
+    pixels = m.pixel_head(m.encoder.norm(feats[-1]))
+    torch.testing.assert_close(out.pixels[hide], pixels[hide], rtol=0, atol=1e-6)
+    assert not out.pixels[~hide].any()
 
 
 def test_dnp_invalid_sizes():

@@ -2,7 +2,15 @@
 
 from .dnp import DNPConFormer, DNPOutput, PrototypeAttentionBlock, PrototypeExtractor
 from .ema import ema_update, make_teacher
-from .masks import checkerboard_mask, inference_masks, random_checkerboard_mask, random_patch_mask
+from .masks import (
+    checkerboard_mask,
+    hidden_index,
+    inference_masks,
+    put_tokens,
+    random_checkerboard_mask,
+    random_patch_mask,
+    take_tokens,
+)
 from .mim import MIMHead, mim_loss, patchify
 from .vit import VIT_PRESETS, ViTEncoder, default_groups, default_taps, load_dinov2_weights
 
@@ -25,4 +33,7 @@ __all__ = [
     "checkerboard_mask",
     "random_checkerboard_mask",
     "inference_masks",
+    "hidden_index",
+    "take_tokens",
+    "put_tokens",
 ]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ema import ema_update, make_teacher
-from .masks import inference_masks
+from .masks import hidden_index, inference_masks, put_tokens, take_tokens
 from .mim import MIMHead, patchify
 from .vit import VIT_PRESETS, Mlp, ViTEncoder, default_groups, default_taps, init_linear_and_norm, load_dinov2_weights
 
@@ -27,12 +27,12 @@ class DNPOutput:
     """Everything the losses, anomaly maps and monitors need from one forward pass."""
 
     targets: list[Tensor]  # G x (B, C, h, w): teacher group features (detached)
-    recons: list[Tensor]  # G x (B, C, h, w): decoder reconstructions
+    recons: list[Tensor]  # G x (B, C, h, w): decoder reconstructions (of the hidden tokens, 0 elsewhere, with a mask)
     prototypes: Tensor  # (B, M, C)
     tokens: Tensor  # (B, N, C): student fused tokens f (mean of taps), input of L_DAA
     assignments: Tensor  # (B, N) long: nearest prototype (cosine) per token
     hidden: Tensor | None = None  # (B, N) bool: tokens the student did not see (context-only decoding)
-    pixels: Tensor | None = None  # (B, N, p*p*C_in): the pixel head's prediction of each patch (from context)
+    pixels: Tensor | None = None  # (B, N, p*p*C_in): the pixel head's prediction of each hidden patch (0 elsewhere)
     pixel_targets: Tensor | None = None  # (B, N, p*p*C_in): the input patches themselves
 
     def float(self) -> DNPOutput:
@@ -225,21 +225,38 @@ class DNPConFormer(nn.Module):
         return cfg
 
     @staticmethod
+    def _grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, N, C) tokens as a (B, C, h, w) grid."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
+
+    @staticmethod
     def _grouped(ts: Sequence[Tensor], g: Sequence[int], grid: tuple[int, int]) -> Tensor:
         """Mean of the (B, N, C) maps ``ts[i]`` for i in ``g``, as a (B, C, h, w) grid."""
-        m = torch.stack([ts[i] for i in g]).mean(0)
-        return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid)
+        return DNPConFormer._grid(torch.stack([ts[i] for i in g]).mean(0), grid)
 
-    def reconstruct(self, f: Tensor, prototypes: Tensor, grid: tuple[int, int]) -> list[Tensor]:
+    def reconstruct(self, f: Tensor, prototypes: Tensor, grid: tuple[int, int],
+                    index: Tensor | None = None) -> list[Tensor]:
         """Decoder side: fused tokens (B, N, C) through the bottleneck and the prototype-attention blocks ->
-        one (B, C, h, w) reconstruction per feature group (decoder outputs in reverse order, as the taps)."""
-        z = self.bottleneck(f)
+        one (B, C, h, w) reconstruction per feature group (decoder outputs in reverse order, as the taps).
+
+        With ``index`` (B, K) (``masks.hidden_index``: the hidden tokens) only those tokens are decoded, the
+        only ones a loss or a map reads, and the other locations read 0. The decoder treats tokens one by one
+        (they attend to the prototypes, never to each other), so no value changes and the decoder's work halves.
+        In training the bottleneck still runs on every token, so that its dropout draws the same random numbers.
+        """
+        if index is None:
+            z = self.bottleneck(f)
+        else:
+            z = take_tokens(self.bottleneck(f), index) if self.training else self.bottleneck(take_tokens(f, index))
         outs = []
         for blk in self.decoder:
             z = blk(z, prototypes)
             outs.append(z)
         outs = outs[::-1]
-        return [self._grouped(outs, g, grid) for g in self.groups]
+        means = [torch.stack([outs[i] for i in g]).mean(0) for g in self.groups]
+        if index is not None:
+            means = [put_tokens(m, index, f.shape[1]) for m in means]
+        return [self._grid(m, grid) for m in means]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> DNPOutput:
         """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets.
@@ -284,8 +301,12 @@ class DNPConFormer(nn.Module):
         feats = self.encoder(x, [*self.taps, last], mask=mask)
         f = torch.stack(feats[:-1]).mean(0)
         prototypes = self.extractor(f, None if mask is None else ~mask)
-        recons = self.reconstruct(f, prototypes, grid)
-        pixels = self.pixel_head(self.encoder.norm(feats[-1]))
+        index = None if mask is None else hidden_index(mask)  # decode and predict pixels of hidden tokens only
+        recons = self.reconstruct(f, prototypes, grid, index)
+        if index is None:
+            pixels = self.pixel_head(self.encoder.norm(feats[-1]))
+        else:
+            pixels = put_tokens(self.pixel_head(self.encoder.norm(take_tokens(feats[-1], index))), index, f.shape[1])
         with torch.no_grad():
             assignments = (F.normalize(f, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2)).argmax(-1)
         return DNPOutput(targets=[], recons=recons, prototypes=prototypes, tokens=f, assignments=assignments,

@@ -1,11 +1,13 @@
-"""Token masks: random patch masks for the masked-image warm-up, block checkerboards for context-only decoding."""
+"""Token masks: random patch masks for the masked-image warm-up, block checkerboards for context-only decoding,
+and the gathering of a mask's hidden tokens."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["random_patch_mask", "checkerboard_mask", "random_checkerboard_mask", "inference_masks"]
+__all__ = ["random_patch_mask", "checkerboard_mask", "random_checkerboard_mask", "inference_masks", "hidden_index",
+           "take_tokens", "put_tokens"]
 
 
 def random_patch_mask(batch: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
@@ -44,3 +46,22 @@ def random_checkerboard_mask(batch: int, grid: tuple[int, int], block: int, devi
 def inference_masks(grid: tuple[int, int], block: int, device: torch.device | str = "cpu") -> Tensor:
     """(2, N) bool: the two parities of the unshifted checkerboard; each token is hidden in exactly one."""
     return torch.stack([checkerboard_mask(grid, block, (0, 0), p, device) for p in (0, 1)])
+
+
+def hidden_index(mask: Tensor) -> Tensor:
+    """(B, N) bool -> (B, K) long: each row's hidden token indices in ascending order, K the largest row count;
+    a row with fewer hidden tokens is filled up with visible ones (a checkerboard hides the same number in every
+    row of a square grid, so there is rarely any filling)."""
+    k = int(mask.sum(1).max())
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :k]
+
+
+def take_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """(B, N, C) tokens at (B, K) ``index`` -> (B, K, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def put_tokens(tokens: Tensor, index: Tensor, n: int) -> Tensor:
+    """(B, K, C) tokens put back at (B, K) ``index`` of an (B, n, C) zero tensor: the inverse of ``take_tokens``."""
+    full = tokens.new_zeros(tokens.shape[0], n, tokens.shape[-1])
+    return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
