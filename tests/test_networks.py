@@ -155,9 +155,10 @@ def test_hidden_index_takes_each_rows_hidden_tokens_and_put_tokens_puts_them_bac
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_decoding_only_the_hidden_tokens_changes_no_value(training):
-    """The decoder and the pixel head treat tokens one by one, so decoding the hidden tokens alone gives the very
-    values a full decode gives there (the same dropout draws in training) and 0 at the visible tokens."""
+def test_outside_training_only_the_hidden_tokens_are_decoded_and_no_value_changes(training):
+    """The decoder and the pixel head treat tokens one by one, so decoding the hidden tokens alone (outside
+    training) gives the very values a full decode gives there, and 0 at the visible tokens; training decodes every
+    token, as before (the same dropout draws and gradient sums)."""
     m = tiny_model(4, mask_block=1).train(training)
     with torch.no_grad():
         for p in m.parameters():  # a decoder far from its near-zero init, so that every token's output differs
@@ -172,14 +173,18 @@ def test_decoding_only_the_hidden_tokens_changes_no_value(training):
         torch.manual_seed(1)
         full = m.reconstruct(f, protos, (4, 4))
         torch.manual_seed(1)
-        part = m.reconstruct(f, protos, (4, 4), hidden_index(hide))
-        torch.manual_seed(1)
         out = m(x, mask=hide)
+        pixels = m.pixel_head(m.encoder.norm(feats[-1]))
+    if training:
+        for a, c in zip(full, out.recons):
+            assert torch.equal(a, c)
+        assert torch.equal(out.pixels, pixels)
+        return
+    part = m.reconstruct(f, protos, (4, 4), hidden_index(hide))
     grid_hide = hide.reshape(2, 1, 4, 4).expand_as(full[0])
     for a, b, c in zip(full, part, out.recons):
-        assert torch.equal(a[grid_hide], b[grid_hide]) and torch.equal(a[grid_hide], c[grid_hide])
+        assert torch.equal(a[grid_hide], b[grid_hide]) and torch.equal(b, c)
         assert not b[~grid_hide].any() and (a[~grid_hide] != 0).all()
-    pixels = m.pixel_head(m.encoder.norm(feats[-1]))
     torch.testing.assert_close(out.pixels[hide], pixels[hide], rtol=0, atol=1e-6)
     assert not out.pixels[~hide].any()
 

@@ -27,12 +27,12 @@ class DNPOutput:
     """Everything the losses, anomaly maps and monitors need from one forward pass."""
 
     targets: list[Tensor]  # G x (B, C, h, w): teacher group features (detached)
-    recons: list[Tensor]  # G x (B, C, h, w): decoder reconstructions (of the hidden tokens, 0 elsewhere, with a mask)
+    recons: list[Tensor]  # G x (B, C, h, w): decoder reconstructions (outside training: of hidden tokens, 0 elsewhere)
     prototypes: Tensor  # (B, M, C)
     tokens: Tensor  # (B, N, C): student fused tokens f (mean of taps), input of L_DAA
     assignments: Tensor  # (B, N) long: nearest prototype (cosine) per token
     hidden: Tensor | None = None  # (B, N) bool: tokens the student did not see (context-only decoding)
-    pixels: Tensor | None = None  # (B, N, p*p*C_in): the pixel head's prediction of each hidden patch (0 elsewhere)
+    pixels: Tensor | None = None  # (B, N, p*p*C_in): the pixel head's prediction of each patch (as recons)
     pixel_targets: Tensor | None = None  # (B, N, p*p*C_in): the input patches themselves
 
     def float(self) -> DNPOutput:
@@ -240,14 +240,10 @@ class DNPConFormer(nn.Module):
         one (B, C, h, w) reconstruction per feature group (decoder outputs in reverse order, as the taps).
 
         With ``index`` (B, K) (``masks.hidden_index``: the hidden tokens) only those tokens are decoded, the
-        only ones a loss or a map reads, and the other locations read 0. The decoder treats tokens one by one
-        (they attend to the prototypes, never to each other), so no value changes and the decoder's work halves.
-        In training the bottleneck still runs on every token, so that its dropout draws the same random numbers.
+        only ones a map reads, and the other locations read 0. The decoder treats tokens one by one (they attend
+        to the prototypes, never to each other), so no value changes and the decoder's work halves.
         """
-        if index is None:
-            z = self.bottleneck(f)
-        else:
-            z = take_tokens(self.bottleneck(f), index) if self.training else self.bottleneck(take_tokens(f, index))
+        z = self.bottleneck(f if index is None else take_tokens(f, index))
         outs = []
         for blk in self.decoder:
             z = blk(z, prototypes)
@@ -301,7 +297,9 @@ class DNPConFormer(nn.Module):
         feats = self.encoder(x, [*self.taps, last], mask=mask)
         f = torch.stack(feats[:-1]).mean(0)
         prototypes = self.extractor(f, None if mask is None else ~mask)
-        index = None if mask is None else hidden_index(mask)  # decode and predict pixels of hidden tokens only
+        # outside training only the hidden tokens are decoded (the map reads no other); training decodes them all,
+        # so that its dropout draws and its gradients' sums, and with them the trained weights, stay as they were
+        index = None if mask is None or self.training else hidden_index(mask)
         recons = self.reconstruct(f, prototypes, grid, index)
         if index is None:
             pixels = self.pixel_head(self.encoder.norm(feats[-1]))
