@@ -40,7 +40,7 @@ def test_readme_commands_on_the_demo_data(tmp_path):
     r = bundle_run("inference", "--config_file", cli_configs("inference"), "--ckpt_path", str(model),
                    "--output_dir", str(tmp_path / "maps"), env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "maps" / "scores.csv")))
+    rows = list(csv.DictReader((tmp_path / "maps" / "scores.csv").read_text().splitlines()))
     assert len(rows) == 6
     src = nib.load(str(tmp_path / "demo" / "test" / "images" / f"{rows[0]['name']}.nii.gz"))
     out = nib.load(str(tmp_path / "maps" / f"{rows[0]['name']}.nii.gz"))
@@ -97,7 +97,7 @@ def test_torchrun_two_processes_train_and_infer(tiny_data, tmp_path):
                    "--input_dir", str(tiny_data["test"]), "--output_dir", str(tmp_path / "maps"),
                    "--ckpt_path", str(run / "models" / "model.pt"), "--num_workers", "0", launcher=torchrun(29527))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = list(csv.DictReader(open(tmp_path / "maps" / "scores.csv")))
+    rows = list(csv.DictReader((tmp_path / "maps" / "scores.csv").read_text().splitlines()))
     assert sorted(r["name"] for r in rows) == ["case_lesion", "case_normal"]
     assert not list((tmp_path / "maps").glob("scores.rank*.csv"))
 
