@@ -225,14 +225,10 @@ class DNPConFormer(nn.Module):
         return cfg
 
     @staticmethod
-    def _grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """(B, N, C) tokens as a (B, C, h, w) grid."""
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
-
-    @staticmethod
     def _grouped(ts: Sequence[Tensor], g: Sequence[int], grid: tuple[int, int]) -> Tensor:
         """Mean of the (B, N, C) maps ``ts[i]`` for i in ``g``, as a (B, C, h, w) grid."""
-        return DNPConFormer._grid(torch.stack([ts[i] for i in g]).mean(0), grid)
+        m = torch.stack([ts[i] for i in g]).mean(0)
+        return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid)
 
     def reconstruct(self, f: Tensor, prototypes: Tensor, grid: tuple[int, int],
                     index: Tensor | None = None) -> list[Tensor]:
@@ -248,11 +244,8 @@ class DNPConFormer(nn.Module):
         for blk in self.decoder:
             z = blk(z, prototypes)
             outs.append(z)
-        outs = outs[::-1]
-        means = [torch.stack([outs[i] for i in g]).mean(0) for g in self.groups]
-        if index is not None:
-            means = [put_tokens(m, index, f.shape[1]) for m in means]
-        return [self._grid(m, grid) for m in means]
+        outs = outs[::-1] if index is None else [put_tokens(z, index, f.shape[1]) for z in outs[::-1]]
+        return [self._grouped(outs, g, grid) for g in self.groups]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> DNPOutput:
         """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets.

@@ -50,8 +50,8 @@ def inference_masks(grid: tuple[int, int], block: int, device: torch.device | st
 
 def hidden_index(mask: Tensor) -> Tensor:
     """(B, N) bool -> (B, K) long: each row's hidden token indices in ascending order, K the largest row count;
-    a row with fewer hidden tokens is filled up with visible ones (a checkerboard hides the same number in every
-    row of a square grid, so there is rarely any filling)."""
+    a row with fewer hidden tokens is filled up with visible ones (at inference every row of a pass has the same
+    checkerboard, so nothing is filled)."""
     k = int(mask.sum(1).max())
     return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :k]
 
