@@ -25,7 +25,9 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -71,8 +73,9 @@ def slabs(flair: Path | nib.Nifti1Image, seg: Path, out_dir: Path, gap: int = 2,
     return written
 
 
-def run_bundle(config: str, run_id: str, **overrides) -> None:
-    """Run one bundle workflow (``run_id``: training / evaluating) in this process with ``overrides``."""
+def run_bundle(config: str, run_id: str, setup: Callable[[Any], None] | None = None, **overrides) -> None:
+    """Run one bundle workflow (``run_id``: training / evaluating) in this process with ``overrides``; ``setup``, if
+    given, gets the initialised workflow before it runs (a probe attaching a handler to its engine)."""
     from monai.bundle import ConfigWorkflow
 
     from monai_dnprd.config import workflow_configs
@@ -82,6 +85,8 @@ def run_bundle(config: str, run_id: str, **overrides) -> None:
                         logging_file=str(REPO / "bundle" / "configs" / "logging.conf"), bundle_root=str(REPO / "bundle"),
                         **overrides)
     wf.initialize()
+    if setup is not None:
+        setup(wf)
     wf.run()
     wf.finalize()
 

@@ -54,21 +54,15 @@ class ForkSeed:
 
 def train_forked(work: Path, out: Path, seed: int, fork: int, iterations: int, warmup: int) -> Path:
     """The bundle's training workflow on ``work/normal`` (as the protocol trains), reseeded after the warm-up."""
-    from monai.bundle import ConfigWorkflow
 
-    from monai_dnprd.config import workflow_configs
+    def attach_fork(wf: Any) -> None:  # after initialize (set_determinism(seed)): the network is built now, as in a run
+        trainer = wf.parser.get_parsed_content("train#trainer")
+        transforms = [wf.parser.get_parsed_content(k) for k in ("slice_sampler", "slice_transforms")]
+        ForkSeed(warmup, fork, transforms).attach(trainer)
 
-    wf = ConfigWorkflow(config_file=workflow_configs(REPO / "bundle", "training"), workflow_type=None, run_id="training",
-                        meta_file=str(REPO / "bundle" / "configs" / "metadata.json"),
-                        logging_file=str(REPO / "bundle" / "configs" / "logging.conf"), bundle_root=str(REPO / "bundle"),
-                        dataset_dir=str(work / "normal"), val_dir=str(work / "normal"), output_dir=str(out / "train"),
-                        num_iterations=iterations, warmup_iterations=warmup, seed=seed)
-    wf.initialize()  # set_determinism(seed) first: the network is built after it, as in `monai.bundle run`
-    trainer = wf.parser.get_parsed_content("train#trainer")
-    transforms = [wf.parser.get_parsed_content(k) for k in ("slice_sampler", "slice_transforms")]
-    ForkSeed(warmup, fork, transforms).attach(trainer)
-    wf.run()
-    wf.finalize()
+    run_bundle("train.json", "training", setup=attach_fork, dataset_dir=str(work / "normal"),
+               val_dir=str(work / "normal"), output_dir=str(out / "train"), num_iterations=iterations,
+               warmup_iterations=warmup, seed=seed)
     return out / "train" / "models" / "model.pt"
 
 
