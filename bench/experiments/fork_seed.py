@@ -4,7 +4,8 @@ in the DNP stage's random draws, or the reverse.
 At the end of the warm-up (iteration ``warmup_iterations``) a handler reseeds every random source of training with
 ``--fork``: the global generators (``monai.utils.set_determinism``; the loader's shuffling draws from them), the
 slice sampler and the slice augmentation. Everything before follows ``--seed``. Seed 0 with forks 101 / 102 / 103
-shares one warm-up; seeds 0 / 1 / 2 with fork 101 share the DNP stage's seeds after three warm-ups.
+shares one warm-up; seeds 0 / 1 / 2 with fork 101 share the DNP stage's seeds after three warm-ups; with ``--at 1``
+runs share only the initialisation (and the first batch).
 Needs a work folder of the TCGA protocol (its normal slabs, test volume and labels), made by e.g.
 ``python bench/tcga_protocol.py --only 0 --out OUT``.
 
@@ -52,13 +53,14 @@ class ForkSeed:
         logger.info("random state reseeded with %d after iteration %d", self.seed, self.at)
 
 
-def train_forked(work: Path, out: Path, seed: int, fork: int, iterations: int, warmup: int) -> Path:
-    """The bundle's training workflow on ``work/normal`` (as the protocol trains), reseeded after the warm-up."""
+def train_forked(work: Path, out: Path, seed: int, fork: int, iterations: int, warmup: int, at: int | None = None) -> Path:
+    """The bundle's training workflow on ``work/normal`` (as the protocol trains), reseeded after iteration ``at``
+    (default: the warm-up's last)."""
 
     def attach_fork(wf: Any) -> None:  # after initialize (set_determinism(seed)): the network is built now, as in a run
         trainer = wf.parser.get_parsed_content("train#trainer")
         transforms = [wf.parser.get_parsed_content(k) for k in ("slice_sampler", "slice_transforms")]
-        ForkSeed(warmup, fork, transforms).attach(trainer)
+        ForkSeed(warmup if at is None else at, fork, transforms).attach(trainer)
 
     run_bundle("train.json", "training", setup=attach_fork, dataset_dir=str(work / "normal"),
                val_dir=str(work / "normal"), output_dir=str(out / "train"), num_iterations=iterations,
@@ -74,19 +76,20 @@ def main() -> None:
     ap.add_argument("--fork", type=int, required=True, help="seed of the DNP stage's random draws")
     ap.add_argument("--iterations", type=int, default=700)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--at", type=int, help="reseed after this iteration instead (1: runs share only the initialisation)")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     for sub in ("normal", "test", "labels"):
         if not (work / sub).is_dir():
             raise SystemExit(f"{work / sub}: not found; make the work folder with bench/tcga_protocol.py first")
-    ckpt = train_forked(work, out, args.seed, args.fork, args.iterations, args.warmup)
+    ckpt = train_forked(work, out, args.seed, args.fork, args.iterations, args.warmup, args.at)
     run_bundle("evaluate.json", "evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
                output_dir=str(out / "eval"), ckpt_path=str(ckpt), report="false")
     model_map = np.asarray(nib.load(str(out / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
     label = np.asarray(nib.load(str(work / "labels" / "case.nii.gz")).dataobj) > 0
-    result = {"seed": args.seed, "fork": args.fork, **case_metrics(model_map, label, brain_mask(work / "test" / "case.nii.gz"))}
+    result = {"seed": args.seed, "fork": args.fork, "at": args.at or args.warmup, **case_metrics(model_map, label, brain_mask(work / "test" / "case.nii.gz"))}
     (out / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"seed {args.seed}, DNP stage reseeded {args.fork}: voxel AP {result['voxel_ap']:.3f}, "
+    print(f"seed {args.seed}, reseeded {args.fork} after iteration {args.at or args.warmup}: voxel AP {result['voxel_ap']:.3f}, "
           f"best Dice {result['voxel_best_dice']:.3f}")
 
 
