@@ -225,9 +225,12 @@ class DNPConFormer(nn.Module):
         return cfg
 
     @staticmethod
-    def _grouped(ts: Sequence[Tensor], g: Sequence[int], grid: tuple[int, int]) -> Tensor:
-        """Mean of the (B, N, C) maps ``ts[i]`` for i in ``g``, as a (B, C, h, w) grid."""
+    def _grouped(ts: Sequence[Tensor], g: Sequence[int], grid: tuple[int, int], index: Tensor | None = None) -> Tensor:
+        """Mean of the (B, N, C) maps ``ts[i]`` for i in ``g``, as a (B, C, h, w) grid; with ``index`` the maps hold
+        only those (B, K) tokens, and the mean is put back at them (0 elsewhere)."""
         m = torch.stack([ts[i] for i in g]).mean(0)
+        if index is not None:
+            m = put_tokens(m, index, grid[0] * grid[1])
         return m.transpose(1, 2).reshape(m.shape[0], m.shape[2], *grid)
 
     def reconstruct(self, f: Tensor, prototypes: Tensor, grid: tuple[int, int],
@@ -244,8 +247,7 @@ class DNPConFormer(nn.Module):
         for blk in self.decoder:
             z = blk(z, prototypes)
             outs.append(z)
-        outs = outs[::-1] if index is None else [put_tokens(z, index, f.shape[1]) for z in outs[::-1]]
-        return [self._grouped(outs, g, grid) for g in self.groups]
+        return [self._grouped(outs[::-1], g, grid, index) for g in self.groups]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> DNPOutput:
         """Student taps -> fused f -> prototypes and decoder reconstructions; teacher taps -> targets.
