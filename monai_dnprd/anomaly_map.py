@@ -402,6 +402,7 @@ class AnomalyMapper(nn.Module):
         from monai_dnprd.networks.dnp import DNPConFormer
 
         net_cfg = dict(config["network"], pretrained=None)  # the state dict holds the weights
+        net_cfg.setdefault("hidden_foreground", False)  # models exported before the option existed
         return cls(DNPConFormer(**net_cfg), metric=config.get("metric", "feature_pixel"), sigma=config.get("sigma", 2.0))
 
     # ------------------------------------------------------------------------------------------- statistics

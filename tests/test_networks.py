@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from monai_dnprd.anomaly_map import AnomalyMapper
 from monai_dnprd.losses import DNPLoss
 from monai_dnprd.networks import (
     DNPConFormer,
@@ -29,6 +30,7 @@ from monai_dnprd.networks import (
     random_patch_mask,
     take_tokens,
 )
+from monai_dnprd.networks.vit import foreground_patches
 
 TINY = dict(img_size=32, patch_size=8, vit="tiny", embed_dim=32, num_heads=2)
 
@@ -127,6 +129,41 @@ def test_context_only_reconstruction_never_reads_the_token_itself():
         assert (ra - rb).abs().max() > 1e-6  # the other pass did read it, for other tokens
     torch.testing.assert_close(a.pixels[:, 6], b.pixels[:, 6], rtol=0, atol=1e-5)  # token (1, 2): 1 * 4 + 2
     assert (a.pixel_targets[:, 6] - b.pixel_targets[:, 6]).abs().max() > 1.0
+
+
+def test_hidden_tokens_carry_their_foreground_shape_never_their_intensities():
+    """A hidden token knows which of its pixels are background (exactly 0 after normalisation), nothing else:
+    rescaling the patch's tissue leaves its reconstruction as it was, moving the brain's edge through it does not."""
+    m = tiny_model(4, mask_block=1).eval()
+    with torch.no_grad():
+        m.encoder.foreground_embed.normal_()
+    x = torch.rand(1, 3, 32, 32) + 0.1
+    x[..., :, :12] = 0.0  # background on the left: the edge runs through tokens (r, 1)
+    brighter, edge_moved = x.clone(), x.clone()
+    brighter[..., 8:16, 8:16] = torch.where(x[..., 8:16, 8:16] != 0, 2.0 * x[..., 8:16, 8:16] + 1.0, 0.0)
+    edge_moved[..., 8:16, 12:14] = 0.0
+    with torch.no_grad():
+        a, b, c = m(x), m(brighter), m(edge_moved)
+    for ra, rb, rc in zip(a.recons, b.recons, c.recons):
+        torch.testing.assert_close(ra[..., 1, 1], rb[..., 1, 1], rtol=0, atol=1e-5)
+        assert (ra[..., 1, 1] - rc[..., 1, 1]).abs().max() > 1e-3
+    assert torch.equal(foreground_patches(x, 8)[0, 5].reshape(8, 8)[:, :4], torch.zeros(8, 4, dtype=torch.bool))
+
+
+def test_foreground_embedding_starts_at_zero_and_draws_nothing():
+    """The option changes nothing at initialisation (same weights, same outputs, same random state after), and
+    models exported before it load without it."""
+    outs, draws = [], []
+    for on in (False, True):
+        m = tiny_model(4, hidden_foreground=on).eval()
+        draws.append(torch.rand(1))
+        with torch.no_grad():
+            outs.append(m(torch.rand(1, 3, 32, 32)))
+    assert torch.equal(draws[0], draws[1])
+    for r0, r1 in zip(outs[0].recons, outs[1].recons):
+        assert torch.equal(r0, r1)
+    old = {"network": {k: v for k, v in tiny_model(4).config().items() if k != "hidden_foreground"}}
+    assert AnomalyMapper.from_config(old).network.encoder.foreground_embed is None
 
 
 def test_training_pass_hides_the_masked_tokens_and_prototypes_read_the_visible_ones():

@@ -138,6 +138,7 @@ class DNPConFormer(nn.Module):
         mlp_ratio: float = 4.0,
         bottleneck_dropout: float = 0.2,
         mask_block: int = 2,
+        hidden_foreground: bool = True,
     ) -> None:
         super().__init__()
         if vit not in VIT_PRESETS:
@@ -161,6 +162,7 @@ class DNPConFormer(nn.Module):
             depth=depth, num_heads=num_heads, num_register_tokens=num_register_tokens, num_prototypes=num_prototypes,
             taps=list(taps), groups=[list(g) for g in groups], ema_beta=ema_beta, pretrained=pretrained,
             mlp_ratio=mlp_ratio, bottleneck_dropout=bottleneck_dropout, mask_block=mask_block,
+            hidden_foreground=hidden_foreground,
         )
         if mask_block < 1:
             raise ValueError(f"mask_block must be >= 1 token (context-only decoding), got {mask_block}")
@@ -178,7 +180,7 @@ class DNPConFormer(nn.Module):
         # from scratch (the DINOv2 1e-8 init would make every block an identity).
         self.encoder = ViTEncoder(
             img_size, patch_size, in_channels, embed_dim, depth, num_heads, mlp_ratio, num_register_tokens,
-            layerscale_init=1.0,
+            layerscale_init=1.0, hidden_foreground=hidden_foreground,
         )
         if pretrained:
             issues = load_dinov2_weights(self.encoder, pretrained)
@@ -256,7 +258,9 @@ class DNPConFormer(nn.Module):
         (B, N) bool hides tokens from the student (their patches are replaced by the mask token); prototypes
         come from the visible tokens only. Without ``mask`` the two complementary checkerboards of
         ``inference_masks`` run as two student passes and every token's reconstruction is taken from the pass
-        that hid it, so an anomaly is rebuilt from the normal tissue around it, never from itself.
+        that hid it, so an anomaly is rebuilt from the normal tissue around it, never from itself. With
+        ``hidden_foreground`` a hidden token carries its patch's foreground shape (``vit.foreground_patches``),
+        so the student knows where the brain's edge runs through it, but none of its intensities.
         """
         hh, ww = x.shape[-2:]
         p = self.encoder.patch_size

@@ -37,6 +37,16 @@ def default_groups(num_taps: int) -> list[list[int]]:
     return [list(range(h)), list(range(h, num_taps))]
 
 
+def foreground_patches(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, p*p): which pixels of each patch are nonzero in the centre channel (the centre
+    slice of a 2.5D stack). ``NormalizeForeground`` leaves exactly 0 outside the foreground, so this is the
+    patch's brain / background split (and the few darkest tissue voxels, clipped to 0), never its intensities."""
+    b, _, h, w = x.shape
+    p = patch_size
+    fg = (x[:, x.shape[1] // 2] != 0).reshape(b, h // p, p, w // p, p)
+    return fg.permute(0, 1, 3, 2, 4).reshape(b, (h // p) * (w // p), p * p)
+
+
 class PatchEmbed(nn.Module):
     """Non-overlapping patch projection (B, C_in, H, W) -> (B, N, C)."""
 
@@ -138,6 +148,7 @@ class ViTEncoder(nn.Module):
         num_register_tokens: int = 4,
         layerscale_init: float | None = None,
         qkv_bias: bool = True,
+        hidden_foreground: bool = False,
     ) -> None:
         super().__init__()
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(int(s) for s in img_size)
@@ -159,6 +170,10 @@ class ViTEncoder(nn.Module):
             nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        # hidden tokens also carry their patch's foreground shape (``foreground_patches``), zero at init
+        self.foreground_embed = (
+            nn.Parameter(torch.zeros(patch_size * patch_size, embed_dim)) if hidden_foreground else None
+        )
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, embed_dim))
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layerscale_init) for _ in range(depth)
@@ -192,7 +207,10 @@ class ViTEncoder(nn.Module):
         b = x.shape[0]
         t = self.patch_embed(x)
         if mask is not None:
-            t = torch.where(mask.unsqueeze(-1), self.mask_token.to(t.dtype).unsqueeze(0), t)
+            hidden = self.mask_token.to(t.dtype).unsqueeze(0)
+            if self.foreground_embed is not None:
+                hidden = hidden + foreground_patches(x, self.patch_size).to(t.dtype) @ self.foreground_embed.to(t.dtype)
+            t = torch.where(mask.unsqueeze(-1), hidden, t)
         pos = self._pos_embed(h // self.patch_size, w // self.patch_size)
         t = torch.cat([self.cls_token.expand(b, -1, -1), t], 1) + pos
         if self.register_tokens is not None:
