@@ -38,9 +38,11 @@ def default_groups(num_taps: int) -> list[list[int]]:
 
 
 def foreground_patches(x: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p*p): which pixels of each patch are nonzero in the centre channel (the centre
-    slice of a 2.5D stack). ``NormalizeForeground`` leaves exactly 0 outside the foreground, so this is the
-    patch's brain / background split (and the few darkest tissue voxels, clipped to 0), never its intensities."""
+    """(B, C, H, W) -> (B, N, p*p): which pixels of each patch are nonzero in the middle channel (the centre
+    slice of a one-sequence 2.5D stack; with several sequences a slice next to it, whose foreground is nearly the
+    same). ``NormalizeForeground`` leaves exactly 0 outside the foreground, so this is the patch's brain /
+    background split (and the few darkest tissue voxels, clipped to 0; for CT, air below the window), never its
+    intensities."""
     b, _, h, w = x.shape
     p = patch_size
     fg = (x[:, x.shape[1] // 2] != 0).reshape(b, h // p, p, w // p, p)
