@@ -46,7 +46,7 @@ def main() -> None:
         print(row(str(run), json.loads((case / "eval" / "metrics.json").read_text())), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "ensemble"
-        run_bundle("evaluate.json", "evaluating", input_dir=str(cases[0] / "test"),
+        run_bundle("evaluating", input_dir=str(cases[0] / "test"),
                    label_dir=str(cases[0] / "labels"), output_dir=str(out), report="false",
                    ckpt_path=[str(run / "train" / "models" / "model.pt") for run in args.runs], **json.loads(args.extra))
         print(row(f"ensemble of {len(args.runs)}", json.loads((out / "metrics.json").read_text())), flush=True)

@@ -73,7 +73,7 @@ def slabs(flair: Path | nib.Nifti1Image, seg: Path, out_dir: Path, gap: int = 2,
     return written
 
 
-def run_bundle(config: str, run_id: str, setup: Callable[[Any], None] | None = None, **overrides) -> None:
+def run_bundle(run_id: str, setup: Callable[[Any], None] | None = None, **overrides) -> None:
     """Run one bundle workflow (``run_id``: training / evaluating) in this process with ``overrides``; ``setup``, if
     given, gets the initialised workflow before it runs (a probe attaching a handler to its engine)."""
     from monai.bundle import ConfigWorkflow
@@ -197,7 +197,7 @@ def score_case(work: Path, image: Path | nib.Nifti1Image, seg: Path, ckpt: Path)
     else:
         shutil.copy(image, work / "test" / "case.nii.gz")
     shutil.copy(seg, work / "labels" / "case.nii.gz")
-    run_bundle("evaluate.json", "evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
+    run_bundle("evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
                output_dir=str(work / "eval"), ckpt_path=str(ckpt), report="false")
     model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
     label = np.asarray(nib.load(str(work / "labels" / "case.nii.gz")).dataobj) > 0
@@ -255,7 +255,7 @@ def pooled(data: Path, out: Path, iterations: int, warmup: int, extra: dict) -> 
     for case in cases:
         slabs(next(case.glob("*_fla_bet.nii.gz")), case / "fusion_simple_seg.nii.gz", out / "normal")
     t0 = time.time()
-    run_bundle("train.json", "training", dataset_dir=str(out / "normal"), val_dir=str(out / "normal"),
+    run_bundle("training", dataset_dir=str(out / "normal"), val_dir=str(out / "normal"),
                output_dir=str(out / "train"), num_iterations=iterations, warmup_iterations=warmup, **extra)
     results: dict = {"train_seconds": time.time() - t0}
     for case in cases:
@@ -339,7 +339,7 @@ def main() -> None:
                         raise SystemExit(f"{work}: --recalibrate needs tumour-free training slabs; this run's "
                                          "training folder holds the whole case (--exclusion)")
                     overrides["calibration_dir"] = str(work / "normal")
-                run_bundle("evaluate.json", "evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
+                run_bundle("evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
                            output_dir=str(work / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"),
                            report="false", **overrides)
             if not (work / "eval" / "case.nii.gz").is_file():
@@ -377,11 +377,11 @@ def main() -> None:
                 extra["channels"] = list(range(len(args.sequences)))
             shutil.copy(test_case / "fusion_simple_seg.nii.gz", label_dir / "case.nii.gz")
             t0 = time.time()
-            run_bundle("train.json", "training", dataset_dir=str(work / "normal"), val_dir=str(work / "normal"),
+            run_bundle("training", dataset_dir=str(work / "normal"), val_dir=str(work / "normal"),
                        output_dir=str(work / "train"), num_iterations=args.iterations, warmup_iterations=args.warmup,
                        **extra)
             train_s = time.time() - t0
-            run_bundle("evaluate.json", "evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
+            run_bundle("evaluating", input_dir=str(test_dir), label_dir=str(label_dir),
                        output_dir=str(work / "eval"), ckpt_path=str(work / "train" / "models" / "model.pt"),
                        report="false")
         model_map = np.asarray(nib.load(str(work / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)

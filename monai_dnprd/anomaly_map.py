@@ -166,7 +166,7 @@ def feature_map(
 
 def pixel_error(pixels: Tensor, pixel_targets: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
     """Absolute error of the predicted patches, mean over the input channels: (B, N, p*p*C) x 2 -> (B, h*p, w*p)."""
-    from monai_dnprd.networks.mim import unpatchify
+    from monai_dnprd.networks.masks import unpatchify
 
     return unpatchify((pixels.float() - pixel_targets.float()).abs(), patch_size, grid).mean(1)
 

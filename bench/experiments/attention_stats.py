@@ -29,25 +29,27 @@ from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks  # no
 @torch.no_grad()
 def block_stats(enc: torch.nn.Module, x: torch.Tensor, tissue: torch.Tensor) -> list[dict[str, float]]:
     """The statistics above for the (B, C, H, W) slices ``x`` through ``enc`` (a ``ViTEncoder``), averaged over
-    the (B, N) ``tissue`` tokens."""
+    the (B, N) ``tissue`` tokens. The encoder runs as it does in a map; each block's input is caught on the way."""
     gh, gw = enc.grid_size
     nprefix = enc.num_prefix_tokens
     yy, xx = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
     dist = torch.cdist(*(2 * [torch.stack([yy.flatten(), xx.flatten()], -1).float()]))
-    b = x.shape[0]
-    t = torch.cat([enc.cls_token.expand(b, -1, -1), enc.patch_embed(x)], 1) + enc._pos_embed(gh, gw)
-    if enc.register_tokens is not None:
-        t = torch.cat([t[:, :1], enc.register_tokens.expand(b, -1, -1), t[:, 1:]], 1)
+    inputs: list[torch.Tensor] = []
+    hooks = [blk.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for blk in enc.blocks]
+    try:
+        enc(x, [len(enc.blocks) - 1])
+    finally:
+        for hook in hooks:
+            hook.remove()
     rows = []
-    for blk in enc.blocks:
+    for blk, t in zip(enc.blocks, inputs):
         h = blk.norm1(t)
-        n, c, heads = t.shape[1], t.shape[2], blk.attn.num_heads
+        (b, n, c), heads = t.shape, blk.attn.num_heads
         q, k, _ = blk.attn.qkv(h).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         w = (q @ k.transpose(-1, -2) * (c // heads) ** -0.5).softmax(-1)[:, :, nprefix:]  # patch queries
         patch = w[..., nprefix:] / w[..., nprefix:].sum(-1, keepdim=True)
         attn_branch = blk.ls1(blk.attn(h))
-        mid = t + attn_branch
-        mlp_branch = blk.ls2(blk.mlp(blk.norm2(mid)))
+        mlp_branch = blk.ls2(blk.mlp(blk.norm2(t + attn_branch)))
         resid = t[:, nprefix:].norm(dim=-1)
         per_token = {
             "prefix share": w[..., :nprefix].sum(-1).mean(1),
@@ -57,7 +59,6 @@ def block_stats(enc: torch.nn.Module, x: torch.Tensor, tissue: torch.Tensor) -> 
             "mlp / residual": mlp_branch[:, nprefix:].norm(dim=-1) / resid,
         }
         rows.append({key: float(v[tissue].mean()) for key, v in per_token.items()})
-        t = mid + mlp_branch
     return rows
 
 

@@ -62,7 +62,7 @@ def train_forked(work: Path, out: Path, seed: int, fork: int, iterations: int, w
         transforms = [wf.parser.get_parsed_content(k) for k in ("slice_sampler", "slice_transforms")]
         ForkSeed(warmup if at is None else at, fork, transforms).attach(trainer)
 
-    run_bundle("train.json", "training", setup=attach_fork, dataset_dir=str(work / "normal"),
+    run_bundle("training", setup=attach_fork, dataset_dir=str(work / "normal"),
                val_dir=str(work / "normal"), output_dir=str(out / "train"), num_iterations=iterations,
                warmup_iterations=warmup, seed=seed)
     return out / "train" / "models" / "model.pt"
@@ -83,7 +83,7 @@ def main() -> None:
         if not (work / sub).is_dir():
             raise SystemExit(f"{work / sub}: not found; make the work folder with bench/tcga_protocol.py first")
     ckpt = train_forked(work, out, args.seed, args.fork, args.iterations, args.warmup, args.at)
-    run_bundle("evaluate.json", "evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
+    run_bundle("evaluating", input_dir=str(work / "test"), label_dir=str(work / "labels"),
                output_dir=str(out / "eval"), ckpt_path=str(ckpt), report="false")
     model_map = np.asarray(nib.load(str(out / "eval" / "case.nii.gz")).dataobj, dtype=np.float32)
     label = np.asarray(nib.load(str(work / "labels" / "case.nii.gz")).dataobj) > 0

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import monai_dnprd.anomaly_map as am
-from monai_dnprd.networks.mim import unpatchify
+from monai_dnprd.networks.masks import unpatchify
 
 REPO = Path(__file__).resolve().parents[2]
 

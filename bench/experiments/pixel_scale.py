@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from map_variants import inference_pipeline, score_folder
 from monai_dnprd.calibration import fit_map_statistics, residual_fit_slices
 from monai_dnprd.networks.masks import inference_masks
-from monai_dnprd.networks.mim import patchify
+from monai_dnprd.networks.masks import patchify
 from monai_dnprd.transforms.array import ResizeSlices, gather_slice_stacks
 
 

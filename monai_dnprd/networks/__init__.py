@@ -6,12 +6,13 @@ from .masks import (
     checkerboard_mask,
     hidden_index,
     inference_masks,
+    patchify,
     put_tokens,
     random_checkerboard_mask,
     random_patch_mask,
     take_tokens,
 )
-from .mim import MIMHead, mim_loss, patchify
+from .mim import MIMHead, mim_loss
 from .vit import VIT_PRESETS, ViTEncoder, default_groups, default_taps, load_dinov2_weights
 
 __all__ = [

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ema import ema_update, make_teacher
-from .masks import hidden_index, inference_masks, put_tokens, take_tokens
-from .mim import MIMHead, patchify
+from .masks import hidden_index, inference_masks, patchify, put_tokens, take_tokens
+from .mim import MIMHead
 from .vit import VIT_PRESETS, Mlp, ViTEncoder, default_groups, default_taps, init_linear_and_norm, load_dinov2_weights
 
 __all__ = ["DNPOutput", "PrototypeExtractor", "PrototypeAttentionBlock", "DNPConFormer"]

@@ -1,5 +1,5 @@
-"""Token masks: random patch masks for the masked-image warm-up, block checkerboards for context-only decoding,
-and the gathering of a mask's hidden tokens."""
+"""Token masks and layout: random patch masks for the masked-image warm-up, block checkerboards for context-only
+decoding, the gathering of a mask's hidden tokens, and images to patches (``patchify``) and back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["random_patch_mask", "checkerboard_mask", "random_checkerboard_mask", "inference_masks", "hidden_index",
-           "take_tokens", "put_tokens"]
+           "take_tokens", "put_tokens", "patchify", "unpatchify"]
 
 
 def random_patch_mask(batch: int, num_patches: int, mask_ratio: float, device: torch.device | str = "cpu",
@@ -65,3 +65,20 @@ def put_tokens(tokens: Tensor, index: Tensor, n: int) -> Tensor:
     """(B, K, C) tokens put back at (B, K) ``index`` of an (B, n, C) zero tensor: the inverse of ``take_tokens``."""
     full = tokens.new_zeros(tokens.shape[0], n, tokens.shape[-1])
     return full.scatter(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C) with row-major patches, matching the encoder's token order."""
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
+    """(B, N, p*p*C) in ``patchify`` order -> (B, C, h*p, w*p) images; the inverse of ``patchify``."""
+    b, n, d = patches.shape
+    p = patch_size
+    c = d // (p * p)
+    x = patches.reshape(b, grid[0], grid[1], p, p, c).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, c, grid[0] * p, grid[1] * p)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .masks import random_patch_mask
+from .masks import patchify, random_patch_mask
 from .vit import ViTEncoder
 
-__all__ = ["MIMHead", "patchify", "unpatchify", "mim_loss"]
+__all__ = ["MIMHead", "mim_loss"]
 
 
 class MIMHead(nn.Module):
@@ -25,23 +25,6 @@ class MIMHead(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, N, C) -> (B, N, p*p*C_in) in `patchify` order."""
         return self.proj(tokens)
-
-
-def patchify(x: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, p*p*C) with row-major patches, matching the encoder's token order."""
-    b, c, h, w = x.shape
-    p = patch_size
-    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
-    """(B, N, p*p*C) in ``patchify`` order -> (B, C, h*p, w*p) images; the inverse of ``patchify``."""
-    b, n, d = patches.shape
-    p = patch_size
-    c = d // (p * p)
-    x = patches.reshape(b, grid[0], grid[1], p, p, c).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(b, c, grid[0] * p, grid[1] * p)
 
 
 def mim_loss(

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .masks import patchify
+
 __all__ = ["VIT_PRESETS", "ViTEncoder", "default_taps", "default_groups", "load_dinov2_weights", "resolve_pretrained"]
 
 VIT_PRESETS: dict[str, dict[str, int]] = {
@@ -43,10 +45,8 @@ def foreground_patches(x: Tensor, patch_size: int) -> Tensor:
     same). ``NormalizeForeground`` leaves exactly 0 outside the foreground, so this is the patch's brain /
     background split (and the few darkest tissue voxels, clipped to 0; for CT, air below the window), never its
     intensities."""
-    b, _, h, w = x.shape
-    p = patch_size
-    fg = (x[:, x.shape[1] // 2] != 0).reshape(b, h // p, p, w // p, p)
-    return fg.permute(0, 1, 3, 2, 4).reshape(b, (h // p) * (w // p), p * p)
+    mid = x.shape[1] // 2
+    return patchify(x[:, mid : mid + 1] != 0, patch_size)
 
 
 class PatchEmbed(nn.Module):
