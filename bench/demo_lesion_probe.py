@@ -4,7 +4,7 @@ Makes a test set like the demo's (one volume per lesion kind with its mask, plus
 the subjects in ``monai_dnprd/demo_data`` (skull-stripped like the demo), with chosen lesion radii and seeds,
 runs the bundle's evaluation workflow on it with the given model and prints the pooled voxel metrics next to
 the chance level (the lesion fraction of the evaluated voxels), the per-kind voxel AUROC, and simple intensity
-baselines on the same volumes and voxels.
+baselines on the same volumes and voxels (on the raw and on the bias-corrected intensities).
 
     python bench/demo_lesion_probe.py --ckpt runs/demo/models/model.pt --subject demo   # the demo test set
     python bench/demo_lesion_probe.py --ckpt runs/demo/models/model.pt --subject IXI012-HH-1211_T1.nii.gz
@@ -29,10 +29,17 @@ from scipy.ndimage import median_filter
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _normalised(x: np.ndarray, fg: np.ndarray) -> np.ndarray:
-    """The pipeline's MRI normalisation (foreground 0.5th percentile to 0, median to 0.5; 0 outside)."""
-    from monai_dnprd.transforms import NormalizeForeground
+def _normalised(x: np.ndarray, fg: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
+    """The pipeline's MRI normalisation (foreground 0.5th percentile to 0, median to 0.5; 0 outside); with an
+    ``affine``, after the pipeline's N4 bias field correction (``BiasFieldCorrection``) first."""
+    from monai_dnprd.transforms import BiasFieldCorrection, NormalizeForeground
 
+    if affine is not None:
+        import torch
+        from monai.data import MetaTensor
+
+        img = MetaTensor(torch.from_numpy(x[None]), affine=torch.as_tensor(affine, dtype=torch.float64))
+        x = np.asarray(BiasFieldCorrection()(img, torch.from_numpy(fg[None].astype(np.uint8))))[0]
     return np.asarray(NormalizeForeground()(x[None], fg[None]))[0]
 
 
@@ -41,16 +48,20 @@ def baseline_metrics(images: Path, labels: Path, maps: Path, train_dir: Path, se
 
     ``intensity_abs_z_median3``: |z| of the intensity within the brain after a 3x3x3 median (two-sided, since
     lesions are brighter or darker); ``normal_intensity_z``: |z| against the normalised intensities of the
-    normal training volumes; ``random``: uniform noise (chance).
+    normal training volumes; ``random``: uniform noise (chance). The ``_n4`` forms read every volume after the
+    pipeline's bias field correction, as the model does.
     """
     from monai_dnprd.metrics import VolumeMetricAccumulator
 
-    train = []
+    train: dict[str, list[np.ndarray]] = {"": [], "_n4": []}
     for p in sorted(train_dir.glob("*.nii.gz")):
-        t = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
-        train.append(_normalised(t, t > 0)[t > 0])
-    tv = np.concatenate(train)
-    accs = {k: VolumeMetricAccumulator() for k in ("intensity_abs_z_median3", "normal_intensity_z", "random")}
+        img = nib.load(str(p))
+        t = np.asarray(img.dataobj, dtype=np.float32)
+        train[""].append(_normalised(t, t > 0)[t > 0])
+        train["_n4"].append(_normalised(t, t > 0, img.affine)[t > 0])
+    tv = {k: np.concatenate(v) for k, v in train.items()}
+    names = [f"{k}{s}" for s in ("", "_n4") for k in ("intensity_abs_z_median3", "normal_intensity_z")] + ["random"]
+    accs = {k: VolumeMetricAccumulator() for k in names}
     rng = np.random.default_rng(seed)
     for path in sorted(images.glob("*.nii.gz")):
         img = nib.load(str(path))
@@ -58,13 +69,12 @@ def baseline_metrics(images: Path, labels: Path, maps: Path, train_dir: Path, se
         fg = np.asarray(nib.load(str(maps / path.name)).dataobj) > 0
         lab = np.asarray(nib.load(str(labels / path.name)).dataobj) > 0
         axis = [c in "SI" for c in nib.aff2axcodes(img.affine)].index(True)
-        xn = _normalised(x, fg)
-        z = (xn - xn[fg].mean()) / max(float(xn[fg].std()), 1e-6)
-        candidates = {
-            "intensity_abs_z_median3": np.abs(median_filter(z, size=3)),
-            "normal_intensity_z": np.abs(xn - tv.mean()) / max(float(tv.std()), 1e-6),
-            "random": rng.random(x.shape, dtype=np.float32),
-        }
+        candidates = {"random": rng.random(x.shape, dtype=np.float32)}
+        for suffix, affine in (("", None), ("_n4", img.affine)):
+            xn = _normalised(x, fg, affine)
+            z = (xn - xn[fg].mean()) / max(float(xn[fg].std()), 1e-6)
+            candidates[f"intensity_abs_z_median3{suffix}"] = np.abs(median_filter(z, size=3))
+            candidates[f"normal_intensity_z{suffix}"] = np.abs(xn - tv[suffix].mean()) / max(float(tv[suffix].std()), 1e-6)
         for k, m in candidates.items():
             accs[k].add(path.name, np.where(fg, m, 0).astype(np.float32), label=lab, mask=fg, axis=axis)
     out = {}

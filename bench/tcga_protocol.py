@@ -4,7 +4,8 @@ Protocol (docs/benchmarks.md): train on the tumour-free axial slabs (slices at l
 labelled voxel) of one case, test on the whole other case, and the reverse. Normal validation (model
 selection with synthetic lesions, calibration) uses the same tumour-free slabs: no real lesion is ever seen
 before the test. Baselines on the same volumes and masks: (a) FLAIR intensity z-scored in the brain,
-median-filtered; (b) per-voxel z-score against the normal training intensities; (c) random. Every map is scored
+median-filtered, also after the default's left-right symmetry step and on bias-corrected intensities (the
+bundle's N4 step); (b) per-voxel z-score against the normal training intensities; (c) random. Every map is scored
 inside the test volume's brain as the bundle's preprocessing finds it (``brain_mask``), a region that does not
 depend on the model.
 
@@ -35,7 +36,7 @@ import torch
 from scipy.ndimage import gaussian_filter, median_filter
 
 from monai_dnprd.symmetry import MirrorSuppression
-from monai_dnprd.transforms.array import ForegroundMask
+from monai_dnprd.transforms.array import BiasFieldCorrection, ForegroundMask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,36 +138,56 @@ def brain_zscore(x: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return xn, (xn - xn[fg].mean()) / max(xn[fg].std(), 1e-6)
 
 
+def bias_corrected(x: np.ndarray, fg: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``x`` after the bundle's N4 bias field correction inside ``fg`` (``BiasFieldCorrection`` defaults)."""
+    from monai.data import MetaTensor
+
+    img = MetaTensor(torch.from_numpy(x[None]), affine=torch.as_tensor(affine, dtype=torch.float64))
+    return np.asarray(BiasFieldCorrection()(img, torch.from_numpy(fg[None].astype(np.uint8))))[0]
+
+
+def median3_maps(x: np.ndarray, fg: np.ndarray, affine: np.ndarray, slabs: list[tuple[np.ndarray, np.ndarray]],
+                 suffix: str = "") -> dict[str, np.ndarray]:
+    """``flair_zscore_median3`` and its ``_symmetric`` form (threshold: the same map's 99th percentile on the
+    training ``slabs``, (intensities, brain) pairs) for the intensities ``x``; names end with ``suffix``."""
+    z3 = median_filter(brain_zscore(x, fg)[1], size=3)
+    slab_z3 = np.concatenate([median_filter(brain_zscore(t, m)[1], size=3)[m] for t, m in slabs])
+    symmetric = MirrorSuppression()(torch.from_numpy(z3).clamp_min(0.0), torch.from_numpy(x), affine,
+                                    float(np.quantile(slab_z3, 0.99))).numpy()
+    return {f"flair_zscore_median3{suffix}": np.where(fg, z3, 0),
+            f"flair_zscore_median3_symmetric{suffix}": np.where(fg, symmetric, 0)}
+
+
 def baselines(test_flair: Path, test_seg: Path, fg: np.ndarray, train_slabs: list[Path], seed: int = 0,
               model_map: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Score maps of the baselines on the test volume (original grid), and the optional combined score.
 
     ``flair_zscore_median3_symmetric`` is ``flair_zscore_median3`` after the left-right symmetry step of the
     default map (``monai_dnprd.symmetry``), its threshold the 99th percentile of the same baseline on the training
-    slabs: what the symmetry prior alone does for an intensity map.
+    slabs: what the symmetry prior alone does for an intensity map. The ``_n4`` forms read the test volume and the
+    slabs after the bundle's bias field correction, as the model does.
     ``dnp_x_intensity_surprisal`` (see "Maps and distances" in docs/research_log.md) multiplies the model's map by the intensity
     surprisal under the normal training intensities: both must be high for a high score.
     """
     img = nib.load(str(test_flair))
     x = np.asarray(img.dataobj, dtype=np.float32)
     xn, z = brain_zscore(x, fg)
-    z3 = median_filter(z, size=3)
-    train_vals, slab_median3 = [], []
+    train_vals, slabs = [], []
     for p in train_slabs:
-        t = np.asarray(nib.load(str(p)).dataobj, dtype=np.float32)
+        slab = nib.load(str(p))
+        t = np.asarray(slab.dataobj, dtype=np.float32)
         m = t > np.percentile(t[t > 0], 5) if (t > 0).any() else t > 0
         tlo, thi = np.percentile(t[m], [0.5, 99.5])
         train_vals.append(np.clip((t[m] - tlo) / max(thi - tlo, 1e-6), 0, 1))
-        slab_median3.append(median_filter(brain_zscore(t, t > 0)[1], size=3)[t > 0])
+        slabs.append((t, t > 0, slab.affine))
     tv = np.concatenate(train_vals)
     zt = np.abs(xn - tv.mean()) / max(tv.std(), 1e-6)
     rng = np.random.default_rng(seed)
     maps = {
         "flair_zscore": np.where(fg, z, 0),
-        "flair_zscore_median3": np.where(fg, z3, 0),
-        "flair_zscore_median3_symmetric": np.where(fg, MirrorSuppression()(
-            torch.from_numpy(z3).clamp_min(0.0), torch.from_numpy(x), img.affine,
-            float(np.quantile(np.concatenate(slab_median3), 0.99))).numpy(), 0),
+        **median3_maps(x, fg, img.affine, [(t, m) for t, m, _ in slabs]),
+        **median3_maps(bias_corrected(x, fg, img.affine), fg, img.affine,
+                       [(bias_corrected(t, m, a), m) for t, m, a in slabs], suffix="_n4"),
         "normal_intensity_z": np.where(fg, zt, 0),
         "random": np.where(fg, rng.random(x.shape, dtype=np.float32), 0),
     }

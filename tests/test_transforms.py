@@ -14,6 +14,8 @@ from monai.transforms import Compose, Invertd
 from scipy import ndimage as ndi
 
 from monai_dnprd.transforms import (
+    BiasFieldCorrection,
+    BiasFieldCorrectiond,
     ForegroundMask,
     ForegroundMaskd,
     NormalizeForeground,
@@ -296,3 +298,50 @@ def test_rand_slice_with_patch_dataset(t1: MetaTensor, t1_mask: MetaTensor) -> N
     assert batch["image"].shape == (3, 3, 120, 120)
     fr = t1_mask[0].float().mean(dim=(0, 1))
     assert all(float(fr[int(z)]) >= 0.15 for z in batch["slice_index"])
+
+
+def _biased_head(n: int = 48, spacing: float = 2.0):
+    """A ball of two tissues (shell 100, core 60) and a bright 8 mm lesion (160), times a smooth field
+    (exp of a linear ramp, 0.67-1.5 across the head), 1 outside; its mask and the tissue labels."""
+    g = (np.arange(n) - (n - 1) / 2.0) * spacing
+    x, y, z = np.meshgrid(g, g, g, indexing="ij")
+    r = np.sqrt(x**2 + y**2 + z**2)
+    ball, core, lesion = r < 40.0, r < 20.0, np.sqrt((x - 28.0) ** 2 + y**2 + z**2) < 8.0
+    clean = np.where(ball, 100.0, 1.0)
+    clean[core], clean[lesion] = 60.0, 160.0
+    field = np.exp(0.4 * (x + 0.5 * y) / 40.0)
+    img = MetaTensor(torch.as_tensor((clean * field)[None], dtype=torch.float32),
+                     affine=torch.diag(torch.tensor([spacing, spacing, spacing, 1.0])))
+    return img, torch.as_tensor(ball[None].astype(np.uint8)), ball & ~core & ~lesion, core, lesion
+
+
+def test_bias_field_correction_flattens_a_smooth_field_and_keeps_a_lesions_contrast():
+    img, mask, shell, core, lesion = _biased_head()
+    out = BiasFieldCorrection()(img, mask)
+    assert isinstance(out, MetaTensor) and torch.equal(out.affine, img.affine) and out.shape == img.shape
+    before, after = img[0].numpy(), out[0].numpy()
+    cv = lambda v, region: float(v[region].std() / v[region].mean())  # noqa: E731
+    assert cv(before, shell) > 0.15 and cv(after, shell) < 0.3 * cv(before, shell)  # the field is gone
+    assert cv(after, core) < 0.3 * cv(before, core)
+    contrast = lambda v: float(np.median(v[lesion]) / np.median(v[shell]))  # noqa: E731
+    assert abs(contrast(after) - 1.6) < 0.1  # the lesion's own contrast kept (160 against 100)
+    outside = mask[0].numpy() == 0
+    np.testing.assert_array_equal(after[outside], before[outside])  # outside the mask: untouched
+    again = BiasFieldCorrection()(img, mask)
+    assert torch.equal(out.as_tensor(), again.as_tensor())  # single-threaded, reproducible
+
+
+def test_bias_field_correction_leaves_too_small_volumes_and_disabled_data_alone(caplog):
+    img, mask, *_ = _biased_head(n=12)
+    with caplog.at_level("WARNING", logger="monai_dnprd"):
+        out = BiasFieldCorrection()(img, mask)
+    assert torch.equal(out.as_tensor(), img.as_tensor()) and "too few to fit" in caplog.text
+    img, mask, *_ = _biased_head()
+    data = {"image": img, "mask": mask}
+    assert BiasFieldCorrectiond(keys="image", enabled=False)(data)["image"] is img
+    corrected = BiasFieldCorrectiond(keys="image")(data)["image"]
+    assert torch.equal(corrected.as_tensor(), BiasFieldCorrection()(img, mask).as_tensor())
+    with pytest.raises(ValueError, match="fit_mm"):
+        BiasFieldCorrection(fit_mm=0)
+    with pytest.raises(ValueError, match="iterations"):
+        BiasFieldCorrection(iterations=(50, 0))

@@ -1,6 +1,7 @@
 """Volumetric preprocessing, 2.5D slice stacks and synthetic lesions (MONAI transforms)."""
 
 from .array import (
+    BiasFieldCorrection,
     ExclusionMask,
     ForegroundMask,
     NormalizeForeground,
@@ -16,6 +17,7 @@ from .array import (
     world_axis,
 )
 from .dictionary import (
+    BiasFieldCorrectiond,
     ExclusionMaskd,
     ForegroundMaskd,
     OptionalSpacingd,
@@ -29,6 +31,8 @@ from .dictionary import (
 from .load import LoadVolume, LoadVolumed
 
 __all__ = [
+    "BiasFieldCorrection",
+    "BiasFieldCorrectiond",
     "ExclusionMask",
     "ExclusionMaskd",
     "ForegroundMask",

@@ -17,6 +17,7 @@ from monai.utils import MAX_SEED
 from monai_dnprd.io.errors import VolumeError
 
 from .array import (
+    BiasFieldCorrection,
     ExclusionMask,
     ForegroundMask,
     NormalizeForeground,
@@ -32,6 +33,7 @@ from .array import (
 )
 
 __all__ = [
+    "BiasFieldCorrectiond",
     "ExclusionMaskd",
     "ForegroundMaskd",
     "OptionalSpacingd",
@@ -103,6 +105,35 @@ class ForegroundMaskd(MapTransform):
                 )
             d[self.mask_key] = mask
             break
+        return d
+
+
+class BiasFieldCorrectiond(MapTransform):
+    """N4 bias field correction of each of ``keys`` inside the mask under ``mask_key`` (``BiasFieldCorrection``);
+    ``enabled=False`` passes the data through (CT, and models trained without it)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str | None = "mask",
+        enabled: bool = True,
+        fit_mm: float = 4.0,
+        iterations: Sequence[int] = (50, 50, 50),
+        tails: float = 5.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.enabled = bool(enabled)
+        self.corrector = BiasFieldCorrection(fit_mm, iterations, tails)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        mask = d.get(self.mask_key) if self.mask_key is not None else None
+        for key in self.key_iterator(d):
+            d[key] = self.corrector(d[key], mask)
         return d
 
 
