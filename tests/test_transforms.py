@@ -345,3 +345,21 @@ def test_bias_field_correction_leaves_too_small_volumes_and_disabled_data_alone(
         BiasFieldCorrection(fit_mm=0)
     with pytest.raises(ValueError, match="iterations"):
         BiasFieldCorrection(iterations=(50, 0))
+    with pytest.raises(ValueError, match="tails"):
+        BiasFieldCorrection(tails=50)
+
+
+def test_bias_field_fit_leaves_the_darkest_and_brightest_voxels_out(monkeypatch):
+    img, mask, shell, core, lesion = _biased_head()
+    fitted = []
+    monkeypatch.setattr(BiasFieldCorrection, "field", lambda self, xc, m, spacing: fitted.append(m) or None)
+    BiasFieldCorrection()(img, mask)
+    x, inside = img[0].numpy(), mask[0].numpy() > 0
+    lo, hi = np.percentile(x[inside], [5, 95])
+    assert fitted[0].sum() < 0.92 * inside.sum() and not (fitted[0] & ~inside).any()
+    assert x[fitted[0]].min() >= lo and x[fitted[0]].max() <= hi
+    assert not (fitted[0] & lesion).any()  # the bright lesion is in the top 5 %: not fitted
+    BiasFieldCorrection(tails=0)(img, mask)
+    assert np.array_equal(fitted[1], inside)
+    out = BiasFieldCorrection()(img, mask)  # no field: the data come back unchanged
+    assert torch.equal(out.as_tensor(), img.as_tensor())

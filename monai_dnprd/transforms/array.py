@@ -1,5 +1,5 @@
-"""Array transforms: foreground mask, bias field correction, intensity normalisation, square padding, 2.5D slice stacks, slice
-resizing and synthetic lesions.
+"""Array transforms: foreground mask, bias field correction, intensity normalisation, square padding, 2.5D slice
+stacks, slice resizing and synthetic lesions.
 
 A volume is channel-first ``(C, X, Y, Z)`` (a MONAI ``MetaTensor`` whose ``.affine`` maps voxels to RAS
 world coordinates); masks are ``(1, X, Y, Z)``. Transforms return the same container type they receive
@@ -8,9 +8,8 @@ world coordinates); masks are ``(1, X, Y, Z)``. Transforms return the same conta
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import logging
+from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -314,12 +313,14 @@ class BiasFieldCorrection(Transform):
     """N4 bias field correction (SimpleITK) of each channel inside a mask, for MRI.
 
     A coil's intensity inhomogeneity is smooth and multiplicative; a map that predicts tissue from its context
-    reads it as anomaly (white matter brighter than elsewhere in the slice). The field is fitted on a grid
-    shrunk to about ``fit_mm`` (ITK's default schedule of ``iterations`` per level), evaluated at full
-    resolution, and each masked voxel divided by it; voxels outside the mask are left as they are. Lesions of a
-    few centimetres are far finer than the field's 4 B-spline control points and keep their contrast.
-    Single-threaded, so the result does not depend on the number of cores. A channel whose fit fails (too
-    few voxels, ITK error) is left uncorrected, with a warning.
+    reads it as anomaly (white matter brighter than elsewhere in the slice). The field, a cubic B-spline refined
+    over ``len(iterations)`` levels (3: four spans across the volume at the last), is fitted on a grid shrunk to
+    about ``fit_mm`` and on the masked voxels between the ``tails`` and ``100 - tails`` percentiles: a bright
+    tumour or dark CSF stays out of the fit (with every voxel and four levels, the field followed a glioma and
+    divided it down; docs/research_log.md, "The bias field"). It is evaluated at full resolution and each masked
+    voxel divided by it; voxels outside the mask are left as they are. Single-threaded, so the result does not
+    depend on the number of cores. A channel whose fit fails (too few voxels, ITK error) is left uncorrected,
+    with a warning.
     """
 
     def __init__(self, fit_mm: float = 4.0, iterations: Sequence[int] = (50, 50, 50), tails: float = 5.0,
@@ -328,13 +329,16 @@ class BiasFieldCorrection(Transform):
             raise ValueError(f"fit_mm must be > 0, got {fit_mm}")
         if not iterations or any(int(i) < 1 for i in iterations):
             raise ValueError(f"iterations must be positive counts, one per fitting level, got {iterations}")
+        if not 0.0 <= tails < 50.0:
+            raise ValueError(f"need 0 <= tails < 50 (a percentile left out of the fit on each side), got {tails}")
         self.fit_mm = float(fit_mm)
         self.iterations = tuple(int(i) for i in iterations)
         self.tails = float(tails)
         self.min_voxels = int(min_voxels)
 
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
-        """Correct ``img`` (C, X, Y, Z) inside ``mask`` ((1, X, Y, Z); None = the voxels above 0)."""
+        """Correct ``img`` (C, X, Y, Z) inside ``mask`` ((1, X, Y, Z); None = the whole volume). Only voxels
+        above 0 enter the fit."""
         x = _to_numpy(img).astype(np.float32, copy=False)
         if mask is None:
             m = np.ones(x.shape[1:], dtype=bool)
