@@ -31,15 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _normalised(x: np.ndarray, fg: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
     """The pipeline's MRI normalisation (foreground 0.5th percentile to 0, median to 0.5; 0 outside); with an
-    ``affine``, after the pipeline's N4 bias field correction (``BiasFieldCorrection``) first."""
-    from monai_dnprd.transforms import BiasFieldCorrection, NormalizeForeground
+    ``affine``, after the pipeline's N4 bias field correction first (``tcga_protocol.bias_corrected``)."""
+    from tcga_protocol import bias_corrected
+
+    from monai_dnprd.transforms import NormalizeForeground
 
     if affine is not None:
-        import torch
-        from monai.data import MetaTensor
-
-        img = MetaTensor(torch.from_numpy(x[None]), affine=torch.as_tensor(affine, dtype=torch.float64))
-        x = np.asarray(BiasFieldCorrection()(img, torch.from_numpy(fg[None].astype(np.uint8))))[0]
+        x = bias_corrected(x, fg, affine)
     return np.asarray(NormalizeForeground()(x[None], fg[None]))[0]
 
 

@@ -70,6 +70,17 @@ def _wrap(arr: np.ndarray, like: Any) -> NdarrayOrTensor:
     return arr
 
 
+def _spatial_mask(mask: Any, x: np.ndarray) -> np.ndarray:
+    """``mask`` ((1, X, Y, Z) or (X, Y, Z); None = everywhere) as a bool (X, Y, Z) array matching ``x`` (C, X, Y, Z)."""
+    if mask is None:
+        return np.ones(x.shape[1:], dtype=bool)
+    mm = _to_numpy(mask)
+    m = (mm[0] if mm.ndim == x.ndim else mm) != 0
+    if m.shape != x.shape[1:]:
+        raise ValueError(f"mask shape {mm.shape} does not match image shape {x.shape}")
+    return m
+
+
 def voxel_spacing(img: Any, ndim: int = 3) -> np.ndarray:
     """Voxel spacing in mm: column norms of ``affine[:3, :3]``; 1 mm per axis when there is no affine."""
     if isinstance(img, MetaTensor):
@@ -340,13 +351,7 @@ class BiasFieldCorrection(Transform):
         """Correct ``img`` (C, X, Y, Z) inside ``mask`` ((1, X, Y, Z); None = the whole volume). Only voxels
         above 0 enter the fit."""
         x = _to_numpy(img).astype(np.float32, copy=False)
-        if mask is None:
-            m = np.ones(x.shape[1:], dtype=bool)
-        else:
-            mm = _to_numpy(mask)
-            m = (mm[0] if mm.ndim == x.ndim else mm) != 0
-            if m.shape != x.shape[1:]:
-                raise ValueError(f"mask shape {mm.shape} does not match image shape {x.shape}")
+        m = _spatial_mask(mask, x)
         spacing = voxel_spacing(img)
         out = x.copy()
         for c in range(x.shape[0]):
@@ -417,13 +422,7 @@ class NormalizeForeground(Transform):
     def __call__(self, img: NdarrayOrTensor, mask: NdarrayOrTensor | None = None) -> NdarrayOrTensor:
         """Normalise ``img`` (C, X, Y, Z) using ``mask`` ((1, X, Y, Z); None = whole volume)."""
         x = _to_numpy(img).astype(np.float32, copy=False)
-        if mask is None:
-            m = np.ones(x.shape[1:], dtype=bool)
-        else:
-            mm = _to_numpy(mask)
-            m = (mm[0] if mm.ndim == x.ndim else mm) != 0
-            if m.shape != x.shape[1:]:
-                raise ValueError(f"mask shape {mm.shape} does not match image shape {x.shape}")
+        m = _spatial_mask(mask, x)
         out = np.zeros(x.shape, dtype=np.float32)
         for c in range(x.shape[0]):
             lo, scale, top = self._linear(x[c], m)
