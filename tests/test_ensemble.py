@@ -394,21 +394,23 @@ def test_bundle_configs_calibrate_and_infer_with_symmetry_and_validate_without(t
         assert not parser.get_parsed_content("inferer").symmetry, workflow
 
 
+def _bias_corrector(parser: ConfigParser):
+    """The one ``BiasFieldCorrectiond`` of a workflow's preprocessing."""
+    steps = [t for t in parser.get_parsed_content("preprocessing").transforms
+             if type(t).__name__ == "BiasFieldCorrectiond"]
+    assert len(steps) == 1
+    return steps[0]
+
+
 def test_bias_field_correction_is_trained_for_mri_and_follows_each_model():
     from monai_dnprd.config import workflow_configs
-
-    def corrector(parser: ConfigParser):
-        steps = [t for t in parser.get_parsed_content("preprocessing").transforms
-                 if type(t).__name__ == "BiasFieldCorrectiond"]
-        assert len(steps) == 1
-        return steps[0]
 
     for modality, expected in (("mri", True), ("ct", False)):
         parser = ConfigParser()
         parser.read_config(workflow_configs(BUNDLE, "training"))
         parser.update({"device": "cpu", "modality": modality})
         assert parser.get_parsed_content("params")["bias_correction"] is expected  # exported with the model
-        assert corrector(parser).enabled is expected
+        assert _bias_corrector(parser).enabled is expected
     parser.update({"data#bias_correction": True})  # a user's choice wins
     assert parser.get_parsed_content("params")["bias_correction"] is True
 
@@ -421,5 +423,4 @@ def test_inference_preprocesses_as_the_model_was_trained(tmp_path, params, expec
     parser = ConfigParser()
     parser.read_config(workflow_configs(BUNDLE, "inference"))
     parser.update({"ckpt_path": str(model), "device": "cpu"})
-    steps = [t for t in parser.get_parsed_content("preprocessing").transforms if type(t).__name__ == "BiasFieldCorrectiond"]
-    assert [t.enabled for t in steps] == [expected]
+    assert _bias_corrector(parser).enabled is expected
