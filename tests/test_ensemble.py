@@ -21,6 +21,7 @@ from monai_dnprd.checkpoint import CheckpointError, export_model
 from monai_dnprd.ensemble import EnsembleInferer, checkpoint_paths, ensemble_network, load_models, volume_inferer
 from monai_dnprd.inferer import DNPVolumeInferer
 from monai_dnprd.networks import DNPConFormer
+from monai_dnprd.transforms import BiasFieldCorrectiond
 
 PARAMS = {"modality": "mri", "k": 1, "img_size": 16, "margin": 4, "spacing": None, "z_sigma": 0.0, "score_q": 0.01}
 
@@ -396,8 +397,7 @@ def test_bundle_configs_calibrate_and_infer_with_symmetry_and_validate_without(t
 
 def _bias_corrector(parser: ConfigParser):
     """The one ``BiasFieldCorrectiond`` of a workflow's preprocessing."""
-    steps = [t for t in parser.get_parsed_content("preprocessing").transforms
-             if type(t).__name__ == "BiasFieldCorrectiond"]
+    steps = [t for t in parser.get_parsed_content("preprocessing").transforms if isinstance(t, BiasFieldCorrectiond)]
     assert len(steps) == 1
     return steps[0]
 
